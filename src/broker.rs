@@ -1,0 +1,615 @@
+//! Everything that talks to RabbitMQ besides consuming: connecting (to one node of a
+//! cluster among several), the topology of the contract's section 5 plus the delay
+//! queues, and publishing with publisher confirms.
+//!
+//! Every broker operation here is bounded by `amqp.operation_timeout_ms`: a frozen
+//! node must never hang the worker (a `queue.bind` can otherwise wait a minute).
+
+use std::{future::Future, str::FromStr, time::Duration};
+
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    options::{
+        BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+        QueueDeclareOptions,
+    },
+    tcp::{OwnedIdentity, OwnedTLSConfig},
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+    uri::AMQPUri,
+};
+
+use crate::config::{AmqpSettings, QueueType, redact_url};
+
+/// What went wrong with the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot connect to the broker ({urls}): {reason}")]
+    Connect { urls: String, reason: String },
+    #[error("broker operation `{op}` got no answer within amqp.operation_timeout_ms ({ms} ms)")]
+    Timeout { op: &'static str, ms: u128 },
+    #[error("broker operation `{op}` failed: {source}")]
+    Amqp {
+        op: &'static str,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error(
+        "{what} already exists with arguments other than this configuration declares ({detail}); \
+         change {key} to match it, or delete it so that it is declared anew"
+    )]
+    Mismatch {
+        what: String,
+        key: &'static str,
+        detail: String,
+    },
+    #[error(
+        "{what} does not exist and amqp.declare_topology is false: declare it (key {key}) or set amqp.declare_topology = true"
+    )]
+    Missing { what: String, key: &'static str },
+    #[error("TLS setting {key}: {problem}")]
+    Tls { key: &'static str, problem: String },
+}
+
+impl BrokerError {
+    /// True when retrying cannot help: the configuration or the broker's state must change.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            BrokerError::Mismatch { .. } | BrokerError::Missing { .. } | BrokerError::Tls { .. }
+        )
+    }
+}
+
+/// Runs a broker operation under the timeout.
+pub async fn bounded<T>(
+    timeout: Duration,
+    op: &'static str,
+    fut: impl Future<Output = lapin::Result<T>>,
+) -> Result<T, BrokerError> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(BrokerError::Amqp { op, source }),
+        Err(_) => Err(BrokerError::Timeout {
+            op,
+            ms: timeout.as_millis(),
+        }),
+    }
+}
+
+/// An open connection and the node it reached.
+pub struct Connected {
+    pub connection: Connection,
+    /// `host:port` of the node, for logs and metrics.
+    pub node: String,
+}
+
+/// Connects to the first node of `amqp.url` that answers, starting at a random one so
+/// that many workers spread over a cluster's nodes.
+pub async fn connect(amqp: &AmqpSettings, connection_name: &str) -> Result<Connected, BrokerError> {
+    let urls: Vec<&str> = amqp.url.expose().collect();
+    let start = fastrand::usize(..urls.len());
+    let tls = tls_config(amqp)?;
+    let mut reasons = Vec::new();
+    for i in 0..urls.len() {
+        let raw = urls[(start + i) % urls.len()];
+        let mut uri = AMQPUri::from_str(raw).map_err(|e| BrokerError::Connect {
+            urls: redact_url(raw),
+            reason: e.replace(raw, "<url>"),
+        })?;
+        if uri.query.heartbeat.is_none() {
+            uri.query.heartbeat = Some(amqp.heartbeat_secs);
+        }
+        if uri.query.connection_timeout.is_none() {
+            uri.query.connection_timeout = Some(amqp.operation_timeout_ms);
+        }
+        let node = format!("{}:{}", uri.authority.host, uri.authority.port);
+        let properties =
+            ConnectionProperties::default().with_connection_name(connection_name.into());
+        let builder = lapin::ConnectionBuilder::new()
+            .map_err(|e| BrokerError::Connect {
+                urls: amqp.url.to_string(),
+                reason: e.to_string(),
+            })?
+            .with_uri(uri)
+            .with_properties(properties)
+            .with_tls_config(tls.clone());
+        match tokio::time::timeout(amqp.operation_timeout(), builder.connect()).await {
+            Ok(Ok(connection)) => return Ok(Connected { connection, node }),
+            Ok(Err(e)) => reasons.push(format!("{node}: {e}")),
+            Err(_) => reasons.push(format!(
+                "{node}: no answer within amqp.operation_timeout_ms"
+            )),
+        }
+    }
+    Err(BrokerError::Connect {
+        urls: amqp.url.to_string(),
+        reason: reasons.join("; "),
+    })
+}
+
+fn tls_config(amqp: &AmqpSettings) -> Result<OwnedTLSConfig, BrokerError> {
+    let read = |key: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| BrokerError::Tls {
+            key,
+            problem: format!("{}: {e}", path.display()),
+        })
+    };
+    let cert_chain = match &amqp.tls_ca_file {
+        Some(path) => Some(
+            String::from_utf8(read("amqp.tls_ca_file", path)?).map_err(|_| BrokerError::Tls {
+                key: "amqp.tls_ca_file",
+                problem: format!("{}: not a PEM text file", path.display()),
+            })?,
+        ),
+        None => None,
+    };
+    let identity = match (&amqp.tls_client_cert_file, &amqp.tls_client_key_file) {
+        (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
+            pem: read("amqp.tls_client_cert_file", cert)?,
+            key: read("amqp.tls_client_key_file", key)?,
+        }),
+        _ => None,
+    };
+    Ok(OwnedTLSConfig {
+        identity,
+        cert_chain,
+    })
+}
+
+/// The names and arguments of everything the worker uses on the broker.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub jobs_queue: String,
+    pub queue_type: QueueType,
+    pub result_exchange: String,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+    /// Delay queues, shortest first: `<jobs_queue>.delay.<secs>s`.
+    pub delays: Vec<Duration>,
+}
+
+impl Topology {
+    pub fn new(amqp: &AmqpSettings, delays: Vec<Duration>) -> Self {
+        Self {
+            jobs_queue: amqp.jobs_queue.clone(),
+            queue_type: amqp.queue_type,
+            result_exchange: amqp.result_exchange.clone(),
+            dead_letter_exchange: amqp.dead_letter_exchange.clone(),
+            dead_letter_queue: amqp.dead_letter_queue.clone(),
+            delays,
+        }
+    }
+
+    /// Name of the delay queue that holds a job for `delay`.
+    pub fn delay_queue(&self, delay: Duration) -> String {
+        format!("{}.delay.{}s", self.jobs_queue, delay.as_secs())
+    }
+
+    /// The longest delay queue not longer than `wait`, if any.
+    pub fn delay_for(&self, wait: Duration) -> Option<Duration> {
+        self.delays.iter().rev().find(|d| **d <= wait).copied()
+    }
+
+    /// Contract section 5: exactly `x-queue-type` and `x-dead-letter-exchange`.
+    pub fn jobs_queue_args(&self) -> FieldTable {
+        let mut t = FieldTable::default();
+        t.insert("x-queue-type".into(), long_string(self.queue_type.as_str()));
+        t.insert(
+            "x-dead-letter-exchange".into(),
+            long_string(&self.dead_letter_exchange),
+        );
+        t
+    }
+
+    /// Contract section 5: exactly `x-queue-type`.
+    pub fn dead_letter_queue_args(&self) -> FieldTable {
+        let mut t = FieldTable::default();
+        t.insert("x-queue-type".into(), long_string(self.queue_type.as_str()));
+        t
+    }
+
+    /// A delay queue: messages expire after `delay` and are dead-lettered back to the
+    /// jobs queue through the default exchange. On quorum queues dead-lettering is made
+    /// at-least-once, so a parked job survives a node failure.
+    pub fn delay_queue_args(&self, delay: Duration) -> FieldTable {
+        let mut t = FieldTable::default();
+        t.insert("x-queue-type".into(), long_string(self.queue_type.as_str()));
+        t.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(delay.as_millis() as i64),
+        );
+        t.insert("x-dead-letter-exchange".into(), long_string(""));
+        t.insert(
+            "x-dead-letter-routing-key".into(),
+            long_string(&self.jobs_queue),
+        );
+        if self.queue_type == QueueType::Quorum {
+            t.insert(
+                "x-dead-letter-strategy".into(),
+                long_string("at-least-once"),
+            );
+            t.insert("x-overflow".into(), long_string("reject-publish"));
+        }
+        t
+    }
+
+    /// Declares everything. A declaration that clashes with an existing one fails with
+    /// [`BrokerError::Mismatch`] naming the key to change.
+    pub async fn declare(&self, conn: &Connection, timeout: Duration) -> Result<(), BrokerError> {
+        let ch = bounded(timeout, "channel.open", conn.create_channel()).await?;
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        self.guard(
+            bounded(
+                timeout,
+                "exchange.declare",
+                ch.exchange_declare(
+                    self.result_exchange.as_str().into(),
+                    ExchangeKind::Topic,
+                    durable,
+                    FieldTable::default(),
+                ),
+            )
+            .await,
+            format!("exchange `{}`", self.result_exchange),
+            "amqp.result_exchange",
+        )?;
+        let ch = self.reopen_if_closed(conn, ch, timeout).await?;
+        self.guard(
+            bounded(
+                timeout,
+                "exchange.declare",
+                ch.exchange_declare(
+                    self.dead_letter_exchange.as_str().into(),
+                    ExchangeKind::Fanout,
+                    durable,
+                    FieldTable::default(),
+                ),
+            )
+            .await,
+            format!("exchange `{}`", self.dead_letter_exchange),
+            "amqp.dead_letter_exchange",
+        )?;
+        let queues = [
+            (
+                self.jobs_queue.clone(),
+                self.jobs_queue_args(),
+                "amqp.jobs_queue / amqp.queue_type / amqp.dead_letter_exchange",
+            ),
+            (
+                self.dead_letter_queue.clone(),
+                self.dead_letter_queue_args(),
+                "amqp.dead_letter_queue / amqp.queue_type",
+            ),
+        ]
+        .into_iter()
+        .chain(self.delays.iter().map(|d| {
+            (
+                self.delay_queue(*d),
+                self.delay_queue_args(*d),
+                "amqp.queue_type (delay queues are named after amqp.jobs_queue)",
+            )
+        }));
+        for (name, args, key) in queues {
+            let ch = self.reopen_if_closed(conn, ch.clone(), timeout).await?;
+            self.guard(
+                bounded(
+                    timeout,
+                    "queue.declare",
+                    ch.queue_declare(
+                        name.as_str().into(),
+                        QueueDeclareOptions::durable(),
+                        args.clone(),
+                    ),
+                )
+                .await
+                .map(|_| ()),
+                format!("queue `{name}` (arguments {})", describe_args(&args)),
+                key,
+            )?;
+        }
+        bounded(
+            timeout,
+            "queue.bind",
+            ch.queue_bind(
+                self.dead_letter_queue.as_str().into(),
+                self.dead_letter_exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        let _ = ch.close(200, "topology declared".into()).await;
+        Ok(())
+    }
+
+    /// Checks passively that everything exists (`amqp.declare_topology = false`, and
+    /// after a failover, when a full declaration could block on a recovering node).
+    pub async fn verify(&self, conn: &Connection, timeout: Duration) -> Result<(), BrokerError> {
+        let mut missing = Vec::new();
+        let exchanges = [
+            (&self.result_exchange, "amqp.result_exchange"),
+            (&self.dead_letter_exchange, "amqp.dead_letter_exchange"),
+        ];
+        for (name, key) in exchanges {
+            let ch = bounded(timeout, "channel.open", conn.create_channel()).await?;
+            let passive = ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            match bounded(
+                timeout,
+                "exchange.declare",
+                ch.exchange_declare(
+                    name.as_str().into(),
+                    ExchangeKind::Topic,
+                    passive,
+                    FieldTable::default(),
+                ),
+            )
+            .await
+            {
+                Ok(()) => {
+                    let _ = ch.close(200, "checked".into()).await;
+                }
+                Err(e) if is_not_found(&e) => missing.push((format!("exchange `{name}`"), key)),
+                Err(e) => return Err(e),
+            }
+        }
+        let mut queues = vec![
+            (self.jobs_queue.clone(), "amqp.jobs_queue"),
+            (self.dead_letter_queue.clone(), "amqp.dead_letter_queue"),
+        ];
+        queues.extend(
+            self.delays
+                .iter()
+                .map(|d| (self.delay_queue(*d), "amqp.jobs_queue (delay queue)")),
+        );
+        for (name, key) in queues {
+            let ch = bounded(timeout, "channel.open", conn.create_channel()).await?;
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            match bounded(
+                timeout,
+                "queue.declare",
+                ch.queue_declare(name.as_str().into(), passive, FieldTable::default()),
+            )
+            .await
+            {
+                Ok(_) => {
+                    let _ = ch.close(200, "checked".into()).await;
+                }
+                Err(e) if is_not_found(&e) => missing.push((format!("queue `{name}`"), key)),
+                Err(e) => return Err(e),
+            }
+        }
+        match missing.first() {
+            None => Ok(()),
+            Some((_, key)) => Err(BrokerError::Missing {
+                what: missing
+                    .iter()
+                    .map(|(w, _)| w.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                key,
+            }),
+        }
+    }
+
+    fn guard(
+        &self,
+        r: Result<(), BrokerError>,
+        what: String,
+        key: &'static str,
+    ) -> Result<(), BrokerError> {
+        match r {
+            Err(BrokerError::Amqp { source, .. }) if is_precondition_failed(&source) => {
+                Err(BrokerError::Mismatch {
+                    what,
+                    key,
+                    detail: source.to_string(),
+                })
+            }
+            other => other,
+        }
+    }
+
+    async fn reopen_if_closed(
+        &self,
+        conn: &Connection,
+        ch: Channel,
+        timeout: Duration,
+    ) -> Result<Channel, BrokerError> {
+        if ch.status().connected() {
+            Ok(ch)
+        } else {
+            bounded(timeout, "channel.open", conn.create_channel()).await
+        }
+    }
+}
+
+/// Powers of two seconds, from the largest not above `park_threshold` (at least 1 s)
+/// up to the largest not above `max_elapsed`: a wait is parked in the longest that
+/// fits, then in shorter ones, so no job waits behind a longer one.
+pub fn delay_buckets(park_threshold: Duration, max_elapsed: Duration) -> Vec<Duration> {
+    let mut buckets = Vec::new();
+    let mut secs: u64 = 1;
+    while secs * 2 <= park_threshold.as_secs() {
+        secs *= 2;
+    }
+    while Duration::from_secs(secs) <= max_elapsed && secs <= 1 << 30 {
+        buckets.push(Duration::from_secs(secs));
+        secs *= 2;
+    }
+    buckets
+}
+
+fn long_string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+fn describe_args(args: &FieldTable) -> String {
+    let parts: Vec<String> = args
+        .inner()
+        .iter()
+        .map(|(k, v)| match v {
+            AMQPValue::LongString(s) => format!("{k}={}", String::from_utf8_lossy(s.as_bytes())),
+            AMQPValue::LongLongInt(n) => format!("{k}={n}"),
+            other => format!("{k}={other:?}"),
+        })
+        .collect();
+    parts.join(", ")
+}
+
+fn amqp_code(e: &lapin::Error) -> Option<u16> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(err) => Some(err.get_id()),
+        _ => None,
+    }
+}
+
+fn is_precondition_failed(e: &lapin::Error) -> bool {
+    amqp_code(e) == Some(406) || e.to_string().contains("PRECONDITION_FAILED")
+}
+
+fn is_not_found(e: &BrokerError) -> bool {
+    match e {
+        BrokerError::Amqp { source, .. } => {
+            amqp_code(source) == Some(404) || source.to_string().contains("NOT_FOUND")
+        }
+        _ => false,
+    }
+}
+
+/// How a confirmed publish ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// Confirmed and routed to at least one queue.
+    Routed,
+    /// Confirmed, but returned: no queue is bound to receive it (mandatory publish).
+    Unroutable,
+}
+
+/// A channel in confirm mode; cheap to clone, safe to use from many tasks.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+    timeout: Duration,
+}
+
+impl Publisher {
+    pub async fn open(conn: &Connection, timeout: Duration) -> Result<Self, BrokerError> {
+        let channel = bounded(timeout, "channel.open", conn.create_channel()).await?;
+        bounded(
+            timeout,
+            "confirm.select",
+            channel.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
+        Ok(Self { channel, timeout })
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+
+    /// Publishes `mandatory` and waits for the broker's confirm. A nack (the broker
+    /// could not take the message) is retried with a growing pause, as long as the
+    /// channel lives: the caller never has to redo the work behind the message.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<Published, BrokerError> {
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let confirm = bounded(
+                self.timeout,
+                "basic.publish",
+                self.channel.basic_publish(
+                    ShortString::from(exchange),
+                    ShortString::from(routing_key),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    body,
+                    properties.clone(),
+                ),
+            )
+            .await?;
+            match bounded(self.timeout, "publisher confirm", confirm).await? {
+                Confirmation::Ack(None) | Confirmation::NotRequested => {
+                    return Ok(Published::Routed);
+                }
+                Confirmation::Ack(Some(_)) => return Ok(Published::Unroutable),
+                Confirmation::Nack(_) => {
+                    tracing::warn!(
+                        exchange,
+                        routing_key,
+                        "the broker refused (nack) a publish; publishing it again"
+                    );
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delay_buckets_cover_threshold_to_max_elapsed() {
+        let secs = |v: Vec<Duration>| v.into_iter().map(|d| d.as_secs()).collect::<Vec<_>>();
+        assert_eq!(
+            secs(delay_buckets(
+                Duration::from_secs(5),
+                Duration::from_secs(900)
+            )),
+            [4, 8, 16, 32, 64, 128, 256, 512]
+        );
+        assert_eq!(
+            secs(delay_buckets(Duration::ZERO, Duration::from_secs(5))),
+            [1, 2, 4]
+        );
+        assert!(delay_buckets(Duration::from_secs(5), Duration::from_millis(900)).is_empty());
+    }
+
+    #[test]
+    fn a_wait_goes_to_the_longest_bucket_that_fits() {
+        let t = Topology::new(
+            &AmqpSettings::default(),
+            delay_buckets(Duration::from_secs(5), Duration::from_secs(900)),
+        );
+        assert_eq!(
+            t.delay_for(Duration::from_secs(100)),
+            Some(Duration::from_secs(64))
+        );
+        assert_eq!(t.delay_for(Duration::from_secs(3)), None);
+        assert_eq!(
+            t.delay_queue(Duration::from_secs(64)),
+            "jelou.jobs.delay.64s"
+        );
+    }
+
+    #[test]
+    fn contract_arguments_are_exact() {
+        let t = Topology::new(&AmqpSettings::default(), vec![]);
+        let keys = |f: FieldTable| f.inner().keys().map(|k| k.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            keys(t.jobs_queue_args()),
+            ["x-dead-letter-exchange", "x-queue-type"]
+        );
+        assert_eq!(keys(t.dead_letter_queue_args()), ["x-queue-type"]);
+    }
+}

@@ -1,0 +1,220 @@
+//! `jelou-worker enqueue`: publish jobs from the shell, with publisher confirms.
+//!
+//! Jobs come from flags (`--bot --user --text`) or as JSON, one job per line, from a
+//! file or stdin. Each line is checked as the worker would read it; a line that the
+//! worker would refuse is reported (line number and reason) and not published. Every
+//! published job's jobId is printed once the broker confirmed it. The exit status is
+//! non-zero when any line was refused, by this check or by the broker.
+
+use std::{
+    io::{BufRead, IsTerminal},
+    path::PathBuf,
+};
+
+use anyhow::Context;
+use chrono::Utc;
+use futures_util::{StreamExt, stream};
+use lapin::{BasicProperties, types::ShortString};
+
+use crate::{
+    broker::{self, Published, Publisher, Topology},
+    config::Settings,
+    job::parse_job,
+};
+
+/// Jobs confirmed concurrently: enough to keep the broker busy.
+const IN_FLIGHT: usize = 256;
+
+/// Where the jobs come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// One text job from flags.
+    Text {
+        bot: String,
+        user: String,
+        text: String,
+        job_id: Option<String>,
+    },
+    /// JSON lines from a file, or stdin for `-`.
+    Lines(PathBuf),
+}
+
+/// One job to publish, as read.
+struct Line {
+    number: usize,
+    body: Vec<u8>,
+    job_id: String,
+    /// Set when the body has no jobId: the worker will use the AMQP message_id.
+    message_id: Option<String>,
+}
+
+/// Publishes the jobs; returns how many were published and how many refused.
+pub async fn run(settings: &Settings, source: Source) -> anyhow::Result<(usize, usize)> {
+    let mut refused = 0usize;
+    let lines = read_lines(&settings.amqp.max_job_bytes, source, &mut refused)?;
+    if lines.is_empty() && refused == 0 {
+        anyhow::bail!(
+            "no job given: pass --bot/--user/--text, or JSON lines with --file (or on stdin)"
+        );
+    }
+    let amqp = &settings.amqp;
+    let timeout = amqp.operation_timeout();
+    let connected = broker::connect(amqp, "jelou-worker enqueue").await?;
+    let conn = connected.connection;
+    if amqp.declare_topology {
+        let delays = broker::delay_buckets(
+            std::time::Duration::from_millis(settings.retry.park_threshold_ms),
+            std::time::Duration::from_millis(settings.retry.max_elapsed_ms),
+        );
+        Topology::new(amqp, delays).declare(&conn, timeout).await?;
+    }
+    let publisher = Publisher::open(&conn, timeout).await?;
+    let total = lines.len();
+    let progress = Progress::new(total);
+    let mut published = 0usize;
+    let results = stream::iter(lines)
+        .map(|line| {
+            let publisher = publisher.clone();
+            let queue = amqp.jobs_queue.clone();
+            async move {
+                let mut props = BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2)
+                    .with_timestamp(Utc::now().timestamp().max(0) as u64);
+                if let Some(id) = line
+                    .message_id
+                    .as_deref()
+                    .and_then(|id| ShortString::try_new(id).ok())
+                {
+                    props = props.with_message_id(id);
+                }
+                let r = publisher.publish("", &queue, &line.body, props).await;
+                (line, r)
+            }
+        })
+        .buffered(IN_FLIGHT);
+    tokio::pin!(results);
+    while let Some((line, r)) = results.next().await {
+        match r {
+            Ok(Published::Routed) => {
+                published += 1;
+                println!("{}", line.job_id);
+            }
+            Ok(Published::Unroutable) => {
+                refused += 1;
+                eprintln!(
+                    "line {}: the broker has no queue `{}`: not published",
+                    line.number, amqp.jobs_queue
+                );
+            }
+            Err(e) => {
+                refused += 1;
+                eprintln!("line {}: not published: {e}", line.number);
+            }
+        }
+        progress.tick(published + refused);
+    }
+    progress.finish();
+    let _ = conn.close(200, "done".into()).await;
+    Ok((published, refused))
+}
+
+fn read_lines(max_bytes: &usize, source: Source, refused: &mut usize) -> anyhow::Result<Vec<Line>> {
+    let raw: Vec<(usize, Vec<u8>)> = match source {
+        Source::Text {
+            bot,
+            user,
+            text,
+            job_id,
+        } => {
+            let mut job = serde_json::json!({
+                "botId": bot,
+                "message": {"type": "text", "userId": user, "text": text},
+            });
+            if let Some(id) = job_id {
+                job["jobId"] = serde_json::Value::String(id);
+            }
+            vec![(1, serde_json::to_vec(&job)?)]
+        }
+        Source::Lines(path) => {
+            let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
+                if std::io::stdin().is_terminal() {
+                    eprintln!("reading jobs from stdin, one JSON object per line (Ctrl-D to end)");
+                }
+                Box::new(std::io::stdin().lock())
+            } else {
+                Box::new(std::io::BufReader::new(
+                    std::fs::File::open(&path)
+                        .with_context(|| format!("cannot open {}", path.display()))?,
+                ))
+            };
+            let mut out = Vec::new();
+            for (i, line) in reader.split(b'\n').enumerate() {
+                let line = line.context("cannot read the jobs")?;
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                out.push((i + 1, line));
+            }
+            out
+        }
+    };
+    let mut lines = Vec::with_capacity(raw.len());
+    for (number, body) in raw {
+        // The id we print must be the one the worker will use: generate it here and
+        // pass it as the AMQP message_id when the body has none.
+        let generated = uuid::Uuid::new_v4().to_string();
+        match parse_job(&body, Some(&generated), *max_bytes) {
+            Ok(job) => {
+                let message_id = (job.job_id == generated).then_some(generated);
+                lines.push(Line {
+                    number,
+                    body,
+                    job_id: job.job_id,
+                    message_id,
+                });
+            }
+            Err(invalid) => {
+                *refused += 1;
+                eprintln!("line {number}: not published: {}", invalid.reason);
+            }
+        }
+    }
+    Ok(lines)
+}
+
+/// A progress bar on a terminal, a plain line every 10 % otherwise.
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    total: usize,
+}
+
+impl Progress {
+    pub fn new(total: usize) -> Self {
+        let bar = (total > 1 && std::io::stderr().is_terminal()).then(|| {
+            let bar = indicatif::ProgressBar::new(total as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} {eta}")
+                    .expect("valid template"),
+            );
+            bar
+        });
+        Self { bar, total }
+    }
+
+    pub fn tick(&self, done: usize) {
+        match &self.bar {
+            Some(bar) => bar.set_position(done as u64),
+            None if self.total >= 1000 && done.is_multiple_of(self.total / 10) => {
+                eprintln!("{done}/{} done", self.total)
+            }
+            None => {}
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,565 @@
+//! Reading a job: the contract's section 1, and the retry state the worker keeps in
+//! the job's AMQP headers. Pure: no I/O, so every rule is unit-tested here.
+//!
+//! The `message` is kept as the producer wrote it ([`RawValue`]) and sent to Jelou byte
+//! for byte: the worker validates `type` and `userId` but never re-serialises the body.
+
+use chrono::{DateTime, Utc};
+use lapin::types::{AMQPValue, FieldTable};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// Longest accepted `jobId`, in characters.
+pub const MAX_JOB_ID_CHARS: usize = 200;
+
+/// Names of the AMQP headers the worker reads and writes.
+pub mod header {
+    /// On results: the jobId (a long string, unlike `correlation_id`).
+    pub const JOB_ID: &str = "x-job-id";
+    /// On a parked or handed-back job: HTTP attempts made so far.
+    pub const ATTEMPTS: &str = "x-jelou-attempts";
+    /// On a parked job: when its first attempt started (ms since the Unix epoch).
+    pub const FIRST_ATTEMPT_AT: &str = "x-jelou-first-attempt-at";
+    /// On a parked job: no attempt before this time (ms since the Unix epoch).
+    pub const NOT_BEFORE: &str = "x-jelou-not-before";
+    /// On a parked job: HTTP status of the last response, if any.
+    pub const LAST_STATUS: &str = "x-jelou-last-status";
+    /// On a parked job: why the last attempt failed.
+    pub const LAST_ERROR: &str = "x-jelou-last-error";
+    /// On a parked job: Jelou's error code of the last response, if any.
+    pub const LAST_CODE: &str = "x-jelou-last-code";
+    /// On a job in a classic queue: deliveries that ended without a result.
+    pub const DELIVERIES: &str = "x-jelou-deliveries";
+    /// Set by quorum queues on redelivered messages.
+    pub const QUORUM_DELIVERY_COUNT: &str = "x-delivery-count";
+    /// On a dead-lettered job: the failure kind, message and time, for `dlq list`.
+    pub const ERROR_KIND: &str = "x-jelou-error-kind";
+    pub const ERROR_MESSAGE: &str = "x-jelou-error-message";
+    pub const FAILED_AT: &str = "x-jelou-failed-at";
+}
+
+/// A job that passed validation.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub job_id: String,
+    pub bot_id: String,
+    pub user_id: String,
+    /// The `message` object exactly as the producer sent it: the request body.
+    pub message: Box<RawValue>,
+    pub deadline: Option<DateTime<Utc>>,
+}
+
+/// A job that cannot be processed, with what could still be read from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidJob {
+    pub job_id: String,
+    pub bot_id: Option<String>,
+    pub user_id: Option<String>,
+    /// What is wrong, for a human: names the field.
+    pub reason: String,
+}
+
+#[derive(Deserialize)]
+struct RawJob<'a> {
+    #[serde(rename = "jobId", default, borrow)]
+    job_id: Option<&'a RawValue>,
+    #[serde(rename = "botId", default, borrow)]
+    bot_id: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    message: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    deadline: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct RawMessage<'a> {
+    #[serde(rename = "type", default, borrow)]
+    kind: Option<&'a RawValue>,
+    #[serde(rename = "userId", default, borrow)]
+    user_id: Option<&'a RawValue>,
+}
+
+/// Reads a job from an AMQP body. `message_id` is the AMQP property, the jobId's
+/// fallback; `max_bytes` is `amqp.max_job_bytes`.
+pub fn parse_job(
+    body: &[u8],
+    message_id: Option<&str>,
+    max_bytes: usize,
+) -> Result<Job, InvalidJob> {
+    let fallback_id = || {
+        message_id
+            .filter(|id| valid_job_id(id))
+            .map(str::to_owned)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+    };
+    let invalid = |job_id: Option<String>, bot_id, user_id, reason: String| InvalidJob {
+        job_id: job_id.unwrap_or_else(fallback_id),
+        bot_id,
+        user_id,
+        reason,
+    };
+    if body.len() > max_bytes {
+        return Err(invalid(
+            None,
+            None,
+            None,
+            format!(
+                "job is {} bytes, larger than amqp.max_job_bytes ({max_bytes})",
+                body.len()
+            ),
+        ));
+    }
+    // serde would also read a JSON array positionally into the struct: refuse it.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        let reason = match std::str::from_utf8(body) {
+            Err(_) => "job is not UTF-8 JSON".to_string(),
+            Ok(_) if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() => {
+                "job is not valid JSON".to_string()
+            }
+            Ok(_) => "job must be a JSON object".to_string(),
+        };
+        return Err(invalid(None, None, None, reason));
+    }
+    let raw: RawJob = serde_json::from_slice(body)
+        .map_err(|e| invalid(None, None, None, format!("job is not valid JSON: {e}")))?;
+
+    // Read what we can first, so an invalid job's result still names it.
+    let job_id = match raw.job_id.map(string_of) {
+        None | Some(Ok(None)) => None,
+        Some(Ok(Some(id))) if valid_job_id(&id) => Some(id),
+        Some(_) => {
+            return Err(invalid(
+                None,
+                None,
+                None,
+                format!("jobId must be a string of 1 to {MAX_JOB_ID_CHARS} characters"),
+            ));
+        }
+    };
+    let bot_id = raw.bot_id.and_then(|v| string_of(v).ok().flatten());
+    let head: Option<RawMessage> = raw
+        .message
+        .filter(|m| m.get().starts_with('{'))
+        .and_then(|m| serde_json::from_str(m.get()).ok());
+    let user_id = head
+        .as_ref()
+        .and_then(|h| h.user_id)
+        .and_then(|v| string_of(v).ok().flatten());
+    let fail = |reason: &str| {
+        invalid(
+            job_id.clone(),
+            bot_id.clone().filter(|b| !b.is_empty()),
+            user_id.clone().filter(|u| !u.is_empty()),
+            reason.to_string(),
+        )
+    };
+
+    let bot = match (&raw.bot_id, &bot_id) {
+        (None, _) => return Err(fail("botId is missing")),
+        (Some(_), Some(b)) if !b.is_empty() => b.clone(),
+        _ => return Err(fail("botId must be a non-empty string")),
+    };
+    let Some(message) = raw.message else {
+        return Err(fail("message is missing"));
+    };
+    let Some(head) = head else {
+        return Err(fail("message must be a JSON object"));
+    };
+    match head.kind.map(string_of) {
+        None => return Err(fail("message.type is missing")),
+        Some(Ok(Some(t))) if !t.is_empty() => {}
+        Some(_) => return Err(fail("message.type must be a non-empty string")),
+    }
+    let user = match (head.user_id, &user_id) {
+        (None, _) => return Err(fail("message.userId is missing")),
+        (Some(_), Some(u)) if !u.is_empty() => u.clone(),
+        _ => return Err(fail("message.userId must be a non-empty string")),
+    };
+    let deadline = match raw.deadline.map(string_of) {
+        None | Some(Ok(None)) => None,
+        Some(Ok(Some(text))) => match DateTime::parse_from_rfc3339(&text) {
+            Ok(t) => Some(t.with_timezone(&Utc)),
+            Err(e) => return Err(fail(&format!("deadline is not an RFC 3339 time: {e}"))),
+        },
+        Some(Err(())) => return Err(fail("deadline must be an RFC 3339 time string")),
+    };
+    Ok(Job {
+        job_id: job_id.unwrap_or_else(fallback_id),
+        bot_id: bot,
+        user_id: user,
+        message: message.to_owned(),
+        deadline,
+    })
+}
+
+/// `Ok(Some(s))` for a JSON string, `Ok(None)` for null, `Err` for anything else.
+fn string_of(raw: &RawValue) -> Result<Option<String>, ()> {
+    if raw.get() == "null" {
+        return Ok(None);
+    }
+    serde_json::from_str::<String>(raw.get())
+        .map(Some)
+        .map_err(|_| ())
+}
+
+fn valid_job_id(id: &str) -> bool {
+    !id.is_empty() && id.chars().count() <= MAX_JOB_ID_CHARS
+}
+
+/// What the worker remembers about a job between deliveries, carried in its headers
+/// when it is parked for a later retry or handed back at shutdown.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetryState {
+    /// HTTP attempts made so far.
+    pub attempts: u32,
+    /// When the first attempt started, ms since the Unix epoch.
+    pub first_attempt_at_ms: Option<i64>,
+    /// No attempt before this, ms since the Unix epoch.
+    pub not_before_ms: Option<i64>,
+    /// Status of the last response, if the last attempt got one.
+    pub last_status: Option<u16>,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+    /// Jelou's error code of the last response.
+    pub last_code: Option<String>,
+}
+
+/// Counters above this are treated as garbage (a producer's stray header), not data.
+const MAX_SANE_COUNT: i64 = 1_000_000;
+
+impl RetryState {
+    /// Reads the state from a job's headers. A header of the wrong AMQP type, negative
+    /// or absurdly large is ignored as if absent: a producer's mistake must not crash
+    /// the worker or fail the job.
+    pub fn from_headers(headers: Option<&FieldTable>) -> Self {
+        let Some(h) = headers else {
+            return Self::default();
+        };
+        let count = |name| {
+            int_header(h, name)
+                .filter(|v| (0..=MAX_SANE_COUNT).contains(v))
+                .map(|v| v as u32)
+        };
+        Self {
+            attempts: count(header::ATTEMPTS).unwrap_or(0),
+            first_attempt_at_ms: int_header(h, header::FIRST_ATTEMPT_AT).filter(|v| *v > 0),
+            not_before_ms: int_header(h, header::NOT_BEFORE).filter(|v| *v > 0),
+            last_status: int_header(h, header::LAST_STATUS)
+                .filter(|v| (100..=599).contains(v))
+                .map(|v| v as u16),
+            last_error: string_header(h, header::LAST_ERROR),
+            last_code: string_header(h, header::LAST_CODE),
+        }
+    }
+
+    /// Writes the state into `headers`, replacing earlier values.
+    pub fn write_headers(&self, headers: &mut FieldTable) {
+        headers.insert(
+            header::ATTEMPTS.into(),
+            AMQPValue::LongLongInt(self.attempts.into()),
+        );
+        let mut opt = |name: &str, v: Option<i64>| match v {
+            Some(v) => {
+                headers.insert(name.into(), AMQPValue::LongLongInt(v));
+            }
+            None => remove(headers, name),
+        };
+        opt(header::FIRST_ATTEMPT_AT, self.first_attempt_at_ms);
+        opt(header::NOT_BEFORE, self.not_before_ms);
+        opt(header::LAST_STATUS, self.last_status.map(i64::from));
+        for (name, value) in [
+            (header::LAST_ERROR, &self.last_error),
+            (header::LAST_CODE, &self.last_code),
+        ] {
+            match value {
+                Some(v) => {
+                    headers.insert(name.into(), AMQPValue::LongString(v.as_str().into()));
+                }
+                None => remove(headers, name),
+            }
+        }
+    }
+
+    /// Removes every retry header: what `dlq replay` does for a fresh attempt count.
+    pub fn clear_headers(headers: &mut FieldTable) {
+        for name in [
+            header::ATTEMPTS,
+            header::FIRST_ATTEMPT_AT,
+            header::NOT_BEFORE,
+            header::LAST_STATUS,
+            header::LAST_ERROR,
+            header::LAST_CODE,
+            header::DELIVERIES,
+            header::ERROR_KIND,
+            header::ERROR_MESSAGE,
+            header::FAILED_AT,
+            "x-death",
+            "x-first-death-exchange",
+            "x-first-death-queue",
+            "x-first-death-reason",
+        ] {
+            remove(headers, name);
+        }
+    }
+}
+
+/// Removes a header (FieldTable has no `remove`).
+pub fn remove(headers: &mut FieldTable, name: &str) {
+    if headers.contains_key(name) {
+        let kept: Vec<_> = headers
+            .inner()
+            .iter()
+            .filter(|(k, _)| k.as_str() != name)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut fresh = FieldTable::default();
+        for (k, v) in kept {
+            fresh.insert(k, v);
+        }
+        *headers = fresh;
+    }
+}
+
+/// An integer header of any AMQP integer type.
+pub fn int_header(h: &FieldTable, name: &str) -> Option<i64> {
+    match h.inner().get(name)? {
+        AMQPValue::ShortShortInt(v) => Some((*v).into()),
+        AMQPValue::ShortShortUInt(v) => Some((*v).into()),
+        AMQPValue::ShortInt(v) => Some((*v).into()),
+        AMQPValue::ShortUInt(v) => Some((*v).into()),
+        AMQPValue::LongInt(v) => Some((*v).into()),
+        AMQPValue::LongUInt(v) => Some((*v).into()),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::Timestamp(v) => i64::try_from(*v).ok(),
+        _ => None,
+    }
+}
+
+/// A string header (long or short string), if it is valid UTF-8.
+pub fn string_header(h: &FieldTable, name: &str) -> Option<String> {
+    match h.inner().get(name)? {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok().map(str::to_owned),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: usize = 262_144;
+
+    fn ok(body: &str) -> Job {
+        parse_job(body.as_bytes(), None, MAX).unwrap()
+    }
+
+    fn err(body: &str) -> InvalidJob {
+        parse_job(body.as_bytes(), None, MAX).unwrap_err()
+    }
+
+    #[test]
+    fn reads_a_full_job_and_keeps_the_message_verbatim() {
+        let body = r#"{"jobId":"order-42","botId":"B1","message":{"type":"text","userId":"593","text":"Hola \u00e9","x":[1, 2]},"deadline":"2026-11-24T18:00:00Z","extra":true}"#;
+        let job = ok(body);
+        assert_eq!(job.job_id, "order-42");
+        assert_eq!(job.bot_id, "B1");
+        assert_eq!(job.user_id, "593");
+        assert_eq!(
+            job.message.get(),
+            r#"{"type":"text","userId":"593","text":"Hola \u00e9","x":[1, 2]}"#
+        );
+        assert_eq!(
+            job.deadline.unwrap().to_rfc3339(),
+            "2026-11-24T18:00:00+00:00"
+        );
+    }
+
+    #[test]
+    fn job_id_falls_back_to_message_id_then_uuid() {
+        let body = r#"{"botId":"B","message":{"type":"text","userId":"u"}}"#;
+        assert_eq!(
+            parse_job(body.as_bytes(), Some("mid-1"), MAX)
+                .unwrap()
+                .job_id,
+            "mid-1"
+        );
+        let generated = ok(body).job_id;
+        assert!(uuid::Uuid::parse_str(&generated).is_ok(), "{generated}");
+        let null_id = r#"{"jobId":null,"botId":"B","message":{"type":"text","userId":"u"}}"#;
+        assert_eq!(
+            parse_job(null_id.as_bytes(), Some("m"), MAX)
+                .unwrap()
+                .job_id,
+            "m"
+        );
+    }
+
+    #[test]
+    fn job_id_length_is_counted_in_characters() {
+        let at_limit = "é".repeat(200);
+        let body = format!(
+            r#"{{"jobId":"{at_limit}","botId":"B","message":{{"type":"t","userId":"u"}}}}"#
+        );
+        assert_eq!(ok(&body).job_id, at_limit);
+        let too_long = "a".repeat(201);
+        let body = format!(
+            r#"{{"jobId":"{too_long}","botId":"B","message":{{"type":"t","userId":"u"}}}}"#
+        );
+        assert!(err(&body).reason.contains("jobId"));
+        assert!(
+            err(r#"{"jobId":"","botId":"B","message":{"type":"t","userId":"u"}}"#)
+                .reason
+                .contains("jobId")
+        );
+        assert!(
+            err(r#"{"jobId":42,"botId":"B","message":{"type":"t","userId":"u"}}"#)
+                .reason
+                .contains("jobId")
+        );
+    }
+
+    #[test]
+    fn invalid_jobs_say_why_and_keep_what_was_readable() {
+        let cases = [
+            ("not json", "not valid JSON"),
+            ("[1,2,3]", "JSON object"),
+            ("\"text\"", "JSON object"),
+            (r#"{"botId":"B""#, "not valid JSON"),
+            (
+                r#"{"message":{"type":"t","userId":"u"}}"#,
+                "botId is missing",
+            ),
+            (
+                r#"{"botId":"","message":{"type":"t","userId":"u"}}"#,
+                "botId must be",
+            ),
+            (
+                r#"{"botId":7,"message":{"type":"t","userId":"u"}}"#,
+                "botId must be",
+            ),
+            (r#"{"botId":"B"}"#, "message is missing"),
+            (r#"{"botId":"B","message":"hi"}"#, "JSON object"),
+            (
+                r#"{"botId":"B","message":{"userId":"u"}}"#,
+                "message.type is missing",
+            ),
+            (
+                r#"{"botId":"B","message":{"type":"","userId":"u"}}"#,
+                "message.type must",
+            ),
+            (
+                r#"{"botId":"B","message":{"type":"t"}}"#,
+                "message.userId is missing",
+            ),
+            (
+                r#"{"botId":"B","message":{"type":"t","userId":5}}"#,
+                "message.userId must",
+            ),
+            (
+                r#"{"botId":"B","message":{"type":"t","userId":"u"},"deadline":"tomorrow"}"#,
+                "deadline",
+            ),
+            (
+                r#"{"botId":"B","message":{"type":"t","userId":"u"},"deadline":5}"#,
+                "deadline",
+            ),
+            (
+                r#"{"botId":"B","botId":"C","message":{"type":"t","userId":"u"}}"#,
+                "duplicate",
+            ),
+        ];
+        for (body, want) in cases {
+            let e = err(body);
+            assert!(e.reason.contains(want), "{body}: {}", e.reason);
+        }
+        let e =
+            err(r#"{"jobId":"j1","botId":"B","message":{"type":"t","userId":"u"},"deadline":"x"}"#);
+        assert_eq!(
+            (e.job_id.as_str(), e.bot_id.as_deref(), e.user_id.as_deref()),
+            ("j1", Some("B"), Some("u"))
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_and_oversized_bodies_are_invalid() {
+        let e = parse_job(b"\xff\xfe{}", None, MAX).unwrap_err();
+        assert!(e.reason.contains("UTF-8"), "{}", e.reason);
+        let e = parse_job(b"{\"botId\":\"\xff\"}", None, MAX).unwrap_err();
+        assert!(e.reason.contains("JSON"), "{}", e.reason);
+        let e = parse_job(&[b' '; 11], Some("big-1"), 10).unwrap_err();
+        assert!(e.reason.contains("amqp.max_job_bytes"), "{}", e.reason);
+        assert_eq!(e.job_id, "big-1");
+    }
+
+    #[test]
+    fn deeply_nested_json_is_read_without_recursion() {
+        // The message is kept as raw bytes, never walked recursively: a hostile depth
+        // neither overflows the stack nor changes what is sent.
+        let depth = 100_000;
+        let deep = format!(
+            r#"{{"botId":"B","message":{{"type":"t","userId":"u","x":{}{}}}}}"#,
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        let job =
+            parse_job(deep.as_bytes(), None, usize::MAX).expect("valid JSON, processed normally");
+        assert_eq!(
+            job.message.get().len(),
+            2 * depth + r#"{"type":"t","userId":"u","x":}"#.len()
+        );
+        let unbalanced = format!(
+            r#"{{"botId":"B","message":{{"type":"t","userId":"u","x":{}}}}}"#,
+            "[".repeat(depth)
+        );
+        assert!(parse_job(unbalanced.as_bytes(), None, usize::MAX).is_err());
+    }
+
+    #[test]
+    fn control_characters_in_bot_id_are_data_not_structure() {
+        let job = ok(r#"{"botId":"a\u0000b\n/../c","message":{"type":"t","userId":"u"}}"#);
+        assert_eq!(job.bot_id, "a\0b\n/../c");
+    }
+
+    #[test]
+    fn retry_state_round_trips_through_headers() {
+        let state = RetryState {
+            attempts: 3,
+            first_attempt_at_ms: Some(1_700_000_000_000),
+            not_before_ms: Some(1_700_000_005_000),
+            last_status: Some(503),
+            last_error: Some("HTTP 503".into()),
+            last_code: Some("E1".into()),
+        };
+        let mut h = FieldTable::default();
+        h.insert("keep".into(), AMQPValue::Boolean(true));
+        state.write_headers(&mut h);
+        assert_eq!(RetryState::from_headers(Some(&h)), state);
+        let cleared = RetryState {
+            last_status: None,
+            last_error: None,
+            last_code: None,
+            ..state.clone()
+        };
+        cleared.write_headers(&mut h);
+        assert_eq!(RetryState::from_headers(Some(&h)), cleared);
+        RetryState::clear_headers(&mut h);
+        assert_eq!(RetryState::from_headers(Some(&h)), RetryState::default());
+        assert!(h.contains_key("keep"));
+    }
+
+    #[test]
+    fn hostile_retry_headers_are_ignored() {
+        let mut h = FieldTable::default();
+        h.insert(header::ATTEMPTS.into(), AMQPValue::LongString("3".into()));
+        assert_eq!(RetryState::from_headers(Some(&h)).attempts, 0);
+        h.insert(header::ATTEMPTS.into(), AMQPValue::LongLongInt(-4));
+        assert_eq!(RetryState::from_headers(Some(&h)).attempts, 0);
+        h.insert(header::ATTEMPTS.into(), AMQPValue::LongLongInt(i64::MAX));
+        assert_eq!(RetryState::from_headers(Some(&h)).attempts, 0);
+        h.insert(header::ATTEMPTS.into(), AMQPValue::ShortShortUInt(2));
+        assert_eq!(RetryState::from_headers(Some(&h)).attempts, 2);
+        h.insert(header::LAST_STATUS.into(), AMQPValue::LongInt(70000));
+        assert_eq!(RetryState::from_headers(Some(&h)).last_status, None);
+    }
+}

@@ -1,0 +1,158 @@
+//! The command line (contract section 7): parse the arguments, load the
+//! configuration, run the subcommand until it ends or a signal arrives.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use jelou_worker::{cli, config::Settings, logging, worker};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Sends message jobs from RabbitMQ to Jelou, with retries, and publishes the outcome"
+)]
+struct Cli {
+    /// A TOML configuration file, layered over config/default.toml.
+    #[arg(long, global = true, env = "JELOU_WORKER_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the worker until SIGTERM/SIGINT.
+    Run,
+    /// Publish jobs to the jobs queue (with confirms) and print their jobIds.
+    Enqueue {
+        /// The botId of a text job given by flags.
+        #[arg(long, requires_all = ["user", "text"], conflicts_with = "file")]
+        bot: Option<String>,
+        /// The userId (recipient) of a text job given by flags.
+        #[arg(long, requires = "bot")]
+        user: Option<String>,
+        /// The text of a text job given by flags.
+        #[arg(long, requires = "bot")]
+        text: Option<String>,
+        /// The jobId of a text job given by flags (default: generated).
+        #[arg(long, requires = "bot")]
+        job_id: Option<String>,
+        /// Read jobs as JSON, one per line, from this file (`-`: stdin, the default).
+        #[arg(long, value_name = "PATH")]
+        file: Option<PathBuf>,
+    },
+    /// Serve a stand-in Jelou (always answers success) for trying the worker out.
+    StandIn {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Pause before each answer, in ms (to mimic Jelou's latency).
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+    },
+    /// Exit 0 when GET URL answers 200: a health check for images without curl.
+    #[command(hide = true)]
+    ProbeHttp { url: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            let format = Settings::peek_log_format(cli.config.as_deref());
+            eprintln!("{}", logging::fatal_line(format, &e.to_string()));
+            return ExitCode::from(2);
+        }
+    };
+    logging::init(settings.log.format, &settings.log.level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(dispatch(cli.command, settings));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run => {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(watch_signals(shutdown.clone()));
+            worker::run(settings, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Enqueue {
+            bot,
+            user,
+            text,
+            job_id,
+            file,
+        } => {
+            let source = match (bot, user, text) {
+                (Some(bot), Some(user), Some(text)) => cli::enqueue::Source::Text {
+                    bot,
+                    user,
+                    text,
+                    job_id,
+                },
+                _ => cli::enqueue::Source::Lines(file.unwrap_or_else(|| "-".into())),
+            };
+            let (published, refused) = cli::enqueue::run(&settings, source).await?;
+            if refused > 0 {
+                eprintln!("{published} published, {refused} refused");
+                return Ok(ExitCode::FAILURE);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::StandIn { listen, latency_ms } => {
+            let stand_in = jelou_worker::stand_in::StandIn::start_on(listen, false).await?;
+            let latency = std::time::Duration::from_millis(latency_ms);
+            stand_in.always(jelou_worker::stand_in::Reply::Success.after(latency));
+            tracing::info!(listen = %stand_in.addr(), "stand-in Jelou answering success to every message");
+            let shutdown = CancellationToken::new();
+            tokio::spawn(watch_signals(shutdown.clone()));
+            shutdown.cancelled().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ProbeHttp { url } => match cli::probe::run(&url).await {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(e) => {
+                eprintln!("{e:#}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+    }
+}
+
+/// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once; the broker
+/// redelivers whatever was not acked, so nothing is lost.
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot listen for signals");
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::info!("signal received: shutting down (a second signal exits at once)");
+    shutdown.cancel();
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::warn!("second signal: exiting now; unfinished jobs return to the queue");
+    std::process::exit(130);
+}

@@ -1,0 +1,257 @@
+//! Prometheus metrics, exposed at `/metrics` (OpenMetrics text) by [`crate::server`].
+//!
+//! Every name starts with `jelou_worker_`; counters end in `_total`, durations are in
+//! seconds, as Prometheus' naming conventions ask.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `success` or `failure`.
+    pub status: &'static str,
+    /// The failure kind, or `none` on success.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    /// `2xx`, `3xx`, `4xx`, `5xx`, or `error` when no response came.
+    pub class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    /// `in_process` (slept in the worker) or `parked` (on a delay queue).
+    pub mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabels {
+    /// `host:port` of the broker node in use.
+    pub node: String,
+}
+
+/// All the worker's metrics.
+pub struct Metrics {
+    registry: Registry,
+    pub jobs_finished: Family<OutcomeLabels, Counter>,
+    pub http_attempts: Family<ClassLabels, Counter>,
+    pub request_duration: Histogram,
+    pub job_latency: Histogram,
+    pub jobs_in_flight: Gauge,
+    pub retries_scheduled: Family<RetryLabels, Counter>,
+    pub results_unroutable: Counter,
+    pub broker_connects: Counter,
+    pub broker_connected: Gauge,
+    pub broker_node: Family<NodeLabels, Gauge>,
+    pub circuit_state: Gauge,
+    pub rate_limited_waits: Counter,
+    pub jobs_handed_back: Counter,
+    current_node: std::sync::Mutex<Option<String>>,
+    connects_seen: AtomicU64,
+}
+
+/// Values of `jelou_worker_circuit_state`.
+pub mod circuit {
+    pub const CLOSED: i64 = 0;
+    pub const OPEN_OUTAGE: i64 = 1;
+    pub const OPEN_CREDENTIALS: i64 = 2;
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("jelou_worker");
+        let jobs_finished = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "jobs_finished",
+            "Jobs finished, by status and failure kind",
+            jobs_finished.clone(),
+        );
+        let http_attempts = Family::<ClassLabels, Counter>::default();
+        registry.register(
+            "http_attempts",
+            "HTTP attempts to Jelou, by status class",
+            http_attempts.clone(),
+        );
+        let request_duration = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        registry.register(
+            "jelou_request_duration_seconds",
+            "Duration of one HTTP attempt to Jelou",
+            request_duration.clone(),
+        );
+        let job_latency = Histogram::new(exponential_buckets(0.01, 2.0, 20));
+        registry.register(
+            "job_latency_seconds",
+            "From the job's AMQP timestamp (set by the producer) to its result",
+            job_latency.clone(),
+        );
+        let jobs_in_flight = Gauge::default();
+        registry.register(
+            "jobs_in_flight",
+            "Jobs received and not yet finished",
+            jobs_in_flight.clone(),
+        );
+        let retries_scheduled = Family::<RetryLabels, Counter>::default();
+        registry.register(
+            "retries_scheduled",
+            "Retries scheduled, by where the job waits",
+            retries_scheduled.clone(),
+        );
+        let results_unroutable = Counter::default();
+        registry.register(
+            "results_unroutable",
+            "Results the broker returned because no queue is bound to receive them",
+            results_unroutable.clone(),
+        );
+        let broker_connects = Counter::default();
+        registry.register(
+            "broker_connects",
+            "Connections made to the broker (the first one included)",
+            broker_connects.clone(),
+        );
+        let broker_connected = Gauge::default();
+        registry.register(
+            "broker_connected",
+            "1 while connected and consuming, else 0",
+            broker_connected.clone(),
+        );
+        let broker_node = Family::<NodeLabels, Gauge>::default();
+        registry.register(
+            "broker_node",
+            "1 for the broker node in use",
+            broker_node.clone(),
+        );
+        let circuit_state = Gauge::default();
+        registry.register(
+            "circuit_state",
+            "0 closed, 1 open (Jelou failing), 2 open (credentials refused)",
+            circuit_state.clone(),
+        );
+        let rate_limited_waits = Counter::default();
+        registry.register(
+            "rate_limited_waits",
+            "Attempts delayed by the per-bot rate limit or a 429 pause",
+            rate_limited_waits.clone(),
+        );
+        let jobs_handed_back = Counter::default();
+        registry.register(
+            "jobs_handed_back",
+            "Jobs handed back to the queue unfinished (shutdown)",
+            jobs_handed_back.clone(),
+        );
+        Self {
+            registry,
+            jobs_finished,
+            http_attempts,
+            request_duration,
+            job_latency,
+            jobs_in_flight,
+            retries_scheduled,
+            results_unroutable,
+            broker_connects,
+            broker_connected,
+            broker_node,
+            circuit_state,
+            rate_limited_waits,
+            jobs_handed_back,
+            current_node: std::sync::Mutex::new(None),
+            connects_seen: AtomicU64::new(0),
+        }
+    }
+
+    /// Records the node a new connection went to.
+    pub fn connected_to(&self, node: &str) {
+        self.broker_connects.inc();
+        self.connects_seen.fetch_add(1, Ordering::Relaxed);
+        let mut current = self.current_node.lock().expect("not poisoned");
+        if let Some(old) = current.take() {
+            self.broker_node.remove(&NodeLabels { node: old });
+        }
+        self.broker_node
+            .get_or_create(&NodeLabels {
+                node: node.to_string(),
+            })
+            .set(1);
+        *current = Some(node.to_string());
+    }
+
+    /// Counts one HTTP attempt by its status (`None`: no response).
+    pub fn attempt(&self, status: Option<u16>, seconds: f64) {
+        let class = match status {
+            Some(200..=299) => "2xx",
+            Some(300..=399) => "3xx",
+            Some(400..=499) => "4xx",
+            Some(500..=599) => "5xx",
+            _ => "error",
+        };
+        self.http_attempts
+            .get_or_create(&ClassLabels { class })
+            .inc();
+        self.request_duration.observe(seconds);
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_with_conventional_names() {
+        let m = Metrics::new();
+        m.jobs_finished
+            .get_or_create(&OutcomeLabels {
+                status: "success",
+                kind: "none",
+            })
+            .inc();
+        m.attempt(Some(503), 0.1);
+        m.connected_to("127.0.0.1:5672");
+        m.connected_to("127.0.0.1:5673");
+        let text = m.render();
+        assert!(
+            text.contains(r#"jelou_worker_jobs_finished_total{status="success",kind="none"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"jelou_worker_http_attempts_total{class="5xx"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("jelou_worker_jelou_request_duration_seconds_bucket"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"jelou_worker_broker_node{node="127.0.0.1:5673"} 1"#),
+            "{text}"
+        );
+        assert!(!text.contains("5672\""), "{text}");
+        assert!(
+            text.contains("jelou_worker_broker_connects_total 2"),
+            "{text}"
+        );
+    }
+}

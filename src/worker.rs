@@ -1,0 +1,310 @@
+//! The daemon (`jelou-worker run`): a supervisor that keeps one broker session alive,
+//! and the session that consumes jobs and hands each to [`crate::pipeline`].
+//!
+//! lapin's own connection recovery is left off on purpose: a recovered channel would
+//! carry on with deliveries whose acks are no longer valid. Instead, when anything
+//! in a session fails (connection, channel, heartbeat), the session ends; the
+//! supervisor reconnects with backoff (to the next cluster node, if several are
+//! configured), re-checks the topology, and consumes again. Jobs in flight on the
+//! dead session are never acked on the new one: the broker redelivers them.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::StreamExt;
+use lapin::{
+    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
+    types::FieldTable,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    broker::{self, BrokerError, Publisher, Topology, bounded},
+    config::Settings,
+    gate::Gate,
+    jelou::JelouClient,
+    metrics::Metrics,
+    pipeline::{self, FinishedCache, Stops},
+    retry::RetryPolicy,
+    server,
+};
+
+/// What every job task shares, for the life of the process.
+pub struct Shared {
+    pub settings: Settings,
+    pub jelou: JelouClient,
+    pub policy: RetryPolicy,
+    pub topology: Topology,
+    pub gate: Arc<Gate>,
+    pub metrics: Arc<Metrics>,
+    pub finished: FinishedCache,
+    /// True while consuming: what `/readyz` reports.
+    pub ready: Arc<AtomicBool>,
+}
+
+/// One broker connection's worth of state, shared by the jobs it delivered.
+pub struct Session {
+    pub publisher: Publisher,
+    /// Cancelled when the session is dead: its jobs stop waiting, and the supervisor
+    /// reconnects.
+    pub lost: CancellationToken,
+}
+
+impl Session {
+    /// Marks the session dead when `error` means its channel or connection is gone.
+    pub fn fail(&self, error: &BrokerError) {
+        if !self.publisher.is_open() || matches!(error, BrokerError::Timeout { .. }) {
+            self.lost.cancel();
+        }
+    }
+}
+
+impl Shared {
+    pub fn new(settings: Settings) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::new());
+        let jelou = JelouClient::new(&settings.jelou, settings.amqp.prefetch as usize)?;
+        let delays = broker::delay_buckets(
+            Duration::from_millis(settings.retry.park_threshold_ms),
+            Duration::from_millis(settings.retry.max_elapsed_ms),
+        );
+        Ok(Self {
+            policy: RetryPolicy::from(&settings.retry),
+            topology: Topology::new(&settings.amqp, delays),
+            gate: Arc::new(Gate::new(&settings.jelou, metrics.clone())),
+            jelou,
+            metrics,
+            finished: FinishedCache::new(10_000),
+            ready: Arc::new(AtomicBool::new(false)),
+            settings,
+        })
+    }
+
+    fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+        self.metrics.broker_connected.set(ready.into());
+    }
+}
+
+/// How a session ended without an error of its own.
+enum SessionEnd {
+    Shutdown,
+    Lost(String),
+}
+
+/// Runs the worker until `shutdown` is cancelled, then drains (contract section 7).
+/// Returns an error only for what retrying cannot fix (a topology mismatch, a
+/// missing queue, bad TLS files, an unusable listen address).
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let shared = Arc::new(Shared::new(settings)?);
+    let stop_background = CancellationToken::new();
+    let server = server::serve(
+        shared.settings.server.listen,
+        shared.metrics.clone(),
+        shared.ready.clone(),
+        stop_background.clone(),
+    )
+    .await?;
+    tokio::spawn(shared.gate.clone().run_prober(
+        shared.jelou.clone(),
+        shared.settings.jelou.clone(),
+        stop_background.clone(),
+    ));
+    let stops = Stops {
+        shutdown: shutdown.clone(),
+        hard: CancellationToken::new(),
+    };
+    let tracker = TaskTracker::new();
+    let result = supervise(&shared, &tracker, &stops).await;
+    // Whatever ended the loop, jobs still running get the grace period.
+    tracker.close();
+    drain(&tracker, &stops, shared.settings.shutdown.grace_period_ms).await;
+    stop_background.cancel();
+    let _ = server.await;
+    result
+}
+
+async fn supervise(
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    stops: &Stops,
+) -> anyhow::Result<()> {
+    let new_backoff = || {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(30))
+            .with_jitter()
+            .without_max_times()
+            .build()
+    };
+    let mut backoff = new_backoff();
+    let mut declared = false;
+    loop {
+        if stops.shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let ended = session(shared, tracker, stops, &mut declared).await;
+        shared.set_ready(false);
+        let wait = match ended {
+            Ok(SessionEnd::Shutdown) => return Ok(()),
+            Ok(SessionEnd::Lost(reason)) => {
+                backoff = new_backoff();
+                let wait = backoff.next().unwrap_or(Duration::from_secs(1));
+                tracing::warn!(
+                    reason,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "lost the broker; reconnecting"
+                );
+                wait
+            }
+            Err(e) if e.is_fatal() => return Err(e.into()),
+            Err(e) => {
+                let wait = backoff.next().unwrap_or(Duration::from_secs(30));
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker unavailable; retrying");
+                wait
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stops.shutdown.cancelled() => return Ok(()),
+        }
+    }
+}
+
+/// Connects, checks the topology, consumes until shutdown or a failure.
+async fn session(
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    stops: &Stops,
+    declared: &mut bool,
+) -> Result<SessionEnd, BrokerError> {
+    let amqp = &shared.settings.amqp;
+    let timeout = amqp.operation_timeout();
+    let name = format!("jelou-worker {} pid {}", hostname(), std::process::id());
+    let broker::Connected { connection, node } = broker::connect(amqp, &name).await?;
+    shared.metrics.connected_to(&node);
+    tracing::info!(node, "connected to the broker");
+    if amqp.declare_topology && !*declared {
+        shared.topology.declare(&connection, timeout).await?;
+        *declared = true;
+    } else {
+        // After the first declaration (and always when declaring is off) only check:
+        // a full declaration can block on a cluster node that is still recovering.
+        match shared.topology.verify(&connection, timeout).await {
+            Err(BrokerError::Missing { .. }) if amqp.declare_topology => {
+                shared.topology.declare(&connection, timeout).await?
+            }
+            other => other?,
+        }
+    }
+    let publisher = Publisher::open(&connection, timeout).await?;
+    let channel = bounded(timeout, "channel.open", connection.create_channel()).await?;
+    bounded(
+        timeout,
+        "basic.qos",
+        channel.basic_qos(amqp.prefetch, BasicQosOptions::default()),
+    )
+    .await?;
+    let tag = format!(
+        "jelou-worker-{}-{}-{}",
+        hostname(),
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let mut consumer = bounded(
+        timeout,
+        "basic.consume",
+        channel.basic_consume(
+            amqp.jobs_queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    let session = Arc::new(Session {
+        publisher,
+        lost: CancellationToken::new(),
+    });
+    shared.set_ready(true);
+    tracing::info!(queue = %amqp.jobs_queue, prefetch = amqp.prefetch, "consuming");
+    let end = loop {
+        tokio::select! {
+            _ = stops.shutdown.cancelled() => break SessionEnd::Shutdown,
+            _ = session.lost.cancelled() => break SessionEnd::Lost("publishing failed".into()),
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    tracker.spawn(pipeline::process(shared.clone(), session.clone(), delivery, stops.clone()));
+                }
+                Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
+                None => break SessionEnd::Lost("the broker cancelled the consumer (queue deleted?)".into()),
+            },
+        }
+    };
+    shared.set_ready(false);
+    match end {
+        SessionEnd::Shutdown => {
+            tracing::info!("shutting down: no new jobs; finishing those in flight");
+            let _ = bounded(
+                timeout,
+                "basic.cancel",
+                channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
+            )
+            .await;
+            // Jobs of this session still need the connection to publish and ack.
+            let tracker = tracker.clone();
+            tracker.close();
+            drain(&tracker, stops, shared.settings.shutdown.grace_period_ms).await;
+            // Closing returns every unacked delivery to the queue.
+            let _ = bounded(
+                timeout,
+                "connection.close",
+                connection.close(200, "shutdown".into()),
+            )
+            .await;
+            tracing::info!("stopped");
+        }
+        SessionEnd::Lost(_) => {
+            session.lost.cancel();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                connection.close(320, "reconnecting".into()),
+            )
+            .await;
+        }
+    }
+    Ok(end)
+}
+
+/// Waits for the jobs in flight, at most the grace period; then tells the rest to
+/// stop at once and gives them a moment to do so.
+async fn drain(tracker: &TaskTracker, stops: &Stops, grace_ms: u64) {
+    if tokio::time::timeout(Duration::from_millis(grace_ms), tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = tracker.len(),
+            "grace period over: handing the remaining jobs back to the queue"
+        );
+        stops.hard.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}

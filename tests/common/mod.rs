@@ -1,0 +1,390 @@
+//! Shared test harness: a real RabbitMQ (never a mock), a stand-in Jelou on
+//! loopback, and names unique to each test so tests run in parallel and clean up.
+#![allow(dead_code)]
+
+use std::{collections::HashMap, time::Duration};
+
+use futures_util::StreamExt;
+use jelou_worker::{
+    config::{AmqpUrls, QueueType, Settings},
+    stand_in::StandIn,
+};
+use lapin::{
+    BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind,
+    message::Delivery,
+    options::*,
+    types::{AMQPValue, FieldTable},
+};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+pub const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const CLIENT_ID: &str = "test-client";
+pub const CLIENT_SECRET: &str = "test-secret";
+
+/// The broker URL tests use (`JELOU_TEST_AMQP_URL` overrides).
+pub fn broker_url() -> String {
+    std::env::var("JELOU_TEST_AMQP_URL").unwrap_or_else(|_| BROKER.to_string())
+}
+
+/// Connects, or fails the test with a message that says how to start RabbitMQ.
+pub async fn connect() -> Connection {
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        Connection::connect(&broker_url(), ConnectionProperties::default()),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => panic!(
+            "RabbitMQ is not reachable at {} ({e}). These tests need the real broker: \
+             start it with `rabbitmq-server -detached` and wait for `rabbitmqctl await_startup`",
+            broker_url()
+        ),
+        Err(_) => panic!(
+            "RabbitMQ at {} did not answer within 10 s. Start it with `rabbitmq-server -detached`",
+            broker_url()
+        ),
+    }
+}
+
+/// One test's world: its own queue and exchange names, a results queue that receives
+/// every result, and a stand-in Jelou.
+pub struct TestEnv {
+    pub name: String,
+    pub settings: Settings,
+    pub jelou: StandIn,
+    pub conn: Connection,
+    pub channel: Channel,
+    pub results_queue: String,
+    pub extra_queues: Vec<String>,
+}
+
+impl TestEnv {
+    pub async fn new(test: &str) -> Self {
+        Self::with_queue_type(test, QueueType::Quorum).await
+    }
+
+    pub async fn with_queue_type(test: &str, queue_type: QueueType) -> Self {
+        let conn = connect().await;
+        let channel = conn.create_channel().await.unwrap();
+        let jelou = StandIn::start().await.unwrap();
+        let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
+        let name = format!("test.{test}.{id}");
+        let mut settings = Settings::default();
+        settings.amqp.url = AmqpUrls::parse(&broker_url()).unwrap();
+        settings.amqp.jobs_queue = format!("{name}.jobs");
+        settings.amqp.queue_type = queue_type;
+        settings.amqp.result_exchange = format!("{name}.results");
+        settings.amqp.dead_letter_exchange = format!("{name}.dead");
+        settings.amqp.dead_letter_queue = format!("{name}.jobs.dead");
+        settings.amqp.prefetch = 32;
+        settings.amqp.operation_timeout_ms = 5_000;
+        settings.jelou.base_url = jelou.base_url();
+        settings.jelou.client_id = Some(CLIENT_ID.into());
+        settings.jelou.client_secret = Some(CLIENT_SECRET.into());
+        settings.jelou.request_timeout_ms = 2_000;
+        settings.retry.initial_interval_ms = 20;
+        settings.retry.max_interval_ms = 200;
+        settings.retry.max_attempts = 4;
+        settings.retry.max_elapsed_ms = 30_000;
+        settings.retry.park_threshold_ms = 5_000;
+        settings.server.listen = "127.0.0.1:0".parse().unwrap();
+        settings.shutdown.grace_period_ms = 5_000;
+        // The results queue exists before the worker so no result is unroutable.
+        let results_queue = format!("{name}.collected");
+        channel
+            .exchange_declare(
+                settings.amqp.result_exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_declare(
+                results_queue.as_str().into(),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                results_queue.as_str().into(),
+                settings.amqp.result_exchange.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        Self {
+            name,
+            settings,
+            jelou,
+            conn,
+            channel,
+            results_queue,
+            extra_queues: vec![],
+        }
+    }
+
+    /// Declares the worker's topology (as the worker would) so jobs can be published
+    /// before it starts.
+    pub async fn declare(&self) {
+        let delays = jelou_worker::broker::delay_buckets(
+            Duration::from_millis(self.settings.retry.park_threshold_ms),
+            Duration::from_millis(self.settings.retry.max_elapsed_ms),
+        );
+        jelou_worker::broker::Topology::new(&self.settings.amqp, delays)
+            .declare(&self.conn, Duration::from_secs(5))
+            .await
+            .unwrap();
+    }
+
+    /// Starts the worker in this process; stop it with the returned handle.
+    pub fn start_worker(&self) -> Worker {
+        self.start_worker_with(self.settings.clone())
+    }
+
+    pub fn start_worker_with(&self, settings: Settings) -> Worker {
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(jelou_worker::worker::run(settings, shutdown.clone()));
+        Worker { shutdown, handle }
+    }
+
+    /// Publishes a raw body to the jobs queue (publisher-confirmed).
+    pub async fn publish_raw(&self, body: &[u8], props: BasicProperties) {
+        let ch = self.conn.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                self.settings.amqp.jobs_queue.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                props.with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack(), "the broker refused a test job");
+        assert!(
+            confirm.take_message().is_none(),
+            "test job unroutable: declare the topology first"
+        );
+        let _ = ch.close(200, "done".into()).await;
+    }
+
+    pub async fn publish(&self, job: &Value) {
+        self.publish_raw(job.to_string().as_bytes(), BasicProperties::default())
+            .await;
+    }
+
+    /// Waits for `n` results, at most `timeout`; fails the test if fewer came.
+    pub async fn results(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        let ch = self.conn.create_channel().await.unwrap();
+        let mut consumer = ch
+            .basic_consume(
+                self.results_queue.as_str().into(),
+                format!("collector-{}", uuid::Uuid::new_v4())
+                    .as_str()
+                    .into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while out.len() < n {
+            match tokio::time::timeout_at(deadline, consumer.next()).await {
+                Ok(Some(Ok(d))) => out.push(Received::from(d)),
+                Ok(other) => panic!("results consumer ended: {other:?}"),
+                Err(_) => panic!(
+                    "only {} of {n} results within {timeout:?}: {:#?}",
+                    out.len(),
+                    out
+                ),
+            }
+        }
+        let _ = ch.close(200, "done".into()).await;
+        out
+    }
+
+    /// Waits for exactly one result.
+    pub async fn result(&self) -> Received {
+        self.results(1, Duration::from_secs(20)).await.remove(0)
+    }
+
+    /// Asserts that no further result arrives within `window`.
+    pub async fn no_more_results(&self, window: Duration) {
+        tokio::time::sleep(window).await;
+        assert_eq!(
+            self.message_count(&self.results_queue.clone()).await,
+            0,
+            "an unexpected extra result"
+        );
+    }
+
+    /// Takes every message now in `queue`.
+    pub async fn drain(&self, queue: &str) -> Vec<Received> {
+        let ch = self.conn.create_channel().await.unwrap();
+        let mut out = Vec::new();
+        while let Some(m) = ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            out.push(Received::from(m.delivery));
+        }
+        let _ = ch.close(200, "done".into()).await;
+        out
+    }
+
+    pub async fn dead_letters(&self) -> Vec<Received> {
+        let q = self.settings.amqp.dead_letter_queue.clone();
+        self.drain(&q).await
+    }
+
+    pub async fn message_count(&self, queue: &str) -> u32 {
+        let ch = self.conn.create_channel().await.unwrap();
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let _ = ch.close(200, "done".into()).await;
+        q.message_count()
+    }
+
+    /// Deletes everything this test declared.
+    pub async fn cleanup(self) {
+        let ch = self.conn.create_channel().await.unwrap();
+        let a = &self.settings.amqp;
+        let mut queues = vec![
+            a.jobs_queue.clone(),
+            a.dead_letter_queue.clone(),
+            self.results_queue.clone(),
+        ];
+        queues.extend(self.extra_queues.iter().cloned());
+        for secs in [1u64, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096] {
+            queues.push(format!("{}.delay.{secs}s", a.jobs_queue));
+        }
+        for q in queues {
+            let ch2 = self.conn.create_channel().await.unwrap();
+            let _ = ch2
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for x in [&a.result_exchange, &a.dead_letter_exchange] {
+            let _ = ch
+                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        let _ = self.conn.close(200, "done".into()).await;
+    }
+}
+
+/// A worker running in this process.
+pub struct Worker {
+    pub shutdown: CancellationToken,
+    pub handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Worker {
+    /// Stops it as SIGTERM would and returns how `run` ended.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("the worker stops within its grace period")
+            .expect("the worker task did not panic")
+    }
+}
+
+/// A message read back from the broker.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub body: Vec<u8>,
+    pub routing_key: String,
+    pub properties: BasicProperties,
+}
+
+impl From<Delivery> for Received {
+    fn from(d: Delivery) -> Self {
+        Self {
+            body: d.data,
+            routing_key: d.routing_key.to_string(),
+            properties: d.properties,
+        }
+    }
+}
+
+impl Received {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("a JSON body")
+    }
+
+    pub fn header(&self, name: &str) -> Option<AMQPValue> {
+        self.properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(name).cloned())
+    }
+
+    pub fn header_str(&self, name: &str) -> Option<String> {
+        match self.header(name)? {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            AMQPValue::ShortString(s) => Some(s.to_string()),
+            _ => None,
+        }
+    }
+
+    pub fn correlation_id(&self) -> Option<String> {
+        self.properties
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.to_string())
+    }
+}
+
+/// Results indexed by jobId.
+pub fn by_job_id(results: &[Received]) -> HashMap<String, Value> {
+    results
+        .iter()
+        .map(|r| {
+            let v = r.json();
+            (v["jobId"].as_str().unwrap().to_string(), v)
+        })
+        .collect()
+}
+
+/// A valid text job.
+pub fn text_job(job_id: &str, bot: &str) -> Value {
+    serde_json::json!({
+        "jobId": job_id,
+        "botId": bot,
+        "message": {"type": "text", "userId": "593987654321", "text": "Hello"}
+    })
+}
