@@ -180,6 +180,22 @@ impl Topology {
         }
     }
 
+    /// The topology `settings` describe, delay queues included.
+    pub fn for_settings(settings: &crate::config::Settings) -> Self {
+        let delays = delay_buckets(
+            Duration::from_millis(settings.retry.park_threshold_ms),
+            Duration::from_millis(settings.retry.max_elapsed_ms),
+        );
+        Self::new(&settings.amqp, delays)
+    }
+
+    /// `<jobs_queue>.retry`: where jobs come back for their next attempt (from a
+    /// delay queue, or checkpointed with their retry state), consumed beside the jobs
+    /// queue so that a retry never waits behind the backlog.
+    pub fn retry_queue(&self) -> String {
+        format!("{}.retry", self.jobs_queue)
+    }
+
     /// Name of the delay queue that holds a job for `delay`.
     pub fn delay_queue(&self, delay: Duration) -> String {
         format!("{}.delay.{}s", self.jobs_queue, delay.as_secs())
@@ -208,8 +224,8 @@ impl Topology {
         t
     }
 
-    /// A delay queue: messages expire after `delay` and are dead-lettered back to the
-    /// jobs queue through the default exchange. On quorum queues dead-lettering is made
+    /// A delay queue: messages expire after `delay` and are dead-lettered to the retry
+    /// queue through the default exchange. On quorum queues dead-lettering is made
     /// at-least-once, so a parked job survives a node failure.
     pub fn delay_queue_args(&self, delay: Duration) -> FieldTable {
         let mut t = FieldTable::default();
@@ -221,7 +237,7 @@ impl Topology {
         t.insert("x-dead-letter-exchange".into(), long_string(""));
         t.insert(
             "x-dead-letter-routing-key".into(),
-            long_string(&self.jobs_queue),
+            long_string(&self.retry_queue()),
         );
         if self.queue_type == QueueType::Quorum {
             t.insert(
@@ -277,6 +293,11 @@ impl Topology {
                 self.jobs_queue.clone(),
                 self.jobs_queue_args(),
                 "amqp.jobs_queue / amqp.queue_type / amqp.dead_letter_exchange",
+            ),
+            (
+                self.retry_queue(),
+                self.jobs_queue_args(),
+                "amqp.queue_type (the retry queue is named after amqp.jobs_queue)",
             ),
             (
                 self.dead_letter_queue.clone(),
@@ -361,6 +382,7 @@ impl Topology {
         }
         let mut queues = vec![
             (self.jobs_queue.clone(), "amqp.jobs_queue"),
+            (self.retry_queue(), "amqp.jobs_queue (retry queue)"),
             (self.dead_letter_queue.clone(), "amqp.dead_letter_queue"),
         ];
         queues.extend(
@@ -516,6 +538,11 @@ impl Publisher {
 
     pub fn is_open(&self) -> bool {
         self.channel.status().connected()
+    }
+
+    /// Closes the channel (after its confirms have all arrived).
+    pub async fn close(&self) {
+        let _ = tokio::time::timeout(self.timeout, self.channel.close(200, "done".into())).await;
     }
 
     /// Publishes `mandatory` and waits for the broker's confirm. A nack (the broker

@@ -201,7 +201,7 @@ impl Gate {
                     .clone()
                     .unwrap_or_else(|| "probe".into());
                 match client.probe(&bot).await {
-                    Probe::Healthy => {
+                    Probe::Healthy(_) => {
                         self.close();
                         break;
                     }

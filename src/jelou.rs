@@ -212,18 +212,18 @@ impl JelouClient {
     /// authenticated; 5xx or no answer means unreachable.
     pub async fn probe(&self, bot_id: &str) -> Probe {
         match self.send(bot_id, Bytes::from_static(b"{}")).await {
-            Attempt::Delivered { .. } => Probe::Healthy,
+            Attempt::Delivered { .. } => Probe::Healthy("Jelou accepted an empty message".into()),
             Attempt::Failed(f) if f.is_auth() => Probe::BadCredentials(f.message),
             Attempt::Failed(f) if f.is_outage() => Probe::Unreachable(f.message),
-            Attempt::Failed(_) => Probe::Healthy,
+            Attempt::Failed(f) => Probe::Healthy(f.message),
         }
     }
 }
 
-/// What a [`JelouClient::probe`] found.
+/// What a [`JelouClient::probe`] found; each carries what Jelou answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Probe {
-    Healthy,
+    Healthy(String),
     BadCredentials(String),
     Unreachable(String),
 }

@@ -42,6 +42,19 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         file: Option<PathBuf>,
     },
+    /// See the whole system work on this machine, without Jelou credentials.
+    Demo,
+    /// Inspect or replay the dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// Check configuration, broker, topology and Jelou credentials (sends no message).
+    Check {
+        /// The botId used to ask Jelou (an empty object is posted, which Jelou refuses).
+        #[arg(long, default_value = "jelou-worker-check")]
+        bot: String,
+    },
     /// Serve a stand-in Jelou (always answers success) for trying the worker out.
     StandIn {
         /// Address to listen on.
@@ -56,6 +69,34 @@ enum Command {
     ProbeHttp { url: String },
 }
 
+#[derive(Subcommand)]
+enum DlqAction {
+    /// Show dead-lettered jobs (jobId, failure kind, when, message); leaves them in place.
+    List {
+        /// Show at most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move dead-lettered jobs back onto the jobs queue with a fresh attempt count.
+    Replay {
+        /// Every dead letter (required when no filter is given).
+        #[arg(long, conflicts_with_all = ["kind", "job_id"])]
+        all: bool,
+        /// Only jobs that failed with this kind (repeatable): rejected, retries_exhausted, ...
+        #[arg(long)]
+        kind: Vec<String>,
+        /// Only this jobId (repeatable).
+        #[arg(long)]
+        job_id: Vec<String>,
+        /// Move at most this many.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let settings = match Settings::load(cli.config.as_deref()) {
@@ -66,7 +107,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    logging::init(settings.log.format, &settings.log.level);
+    match cli.command {
+        // The demo talks to a person: readable output, only problems logged.
+        Command::Demo => logging::init(jelou_worker::config::LogFormat::Text, "error,lapin=off"),
+        _ => logging::init(settings.log.format, &settings.log.level),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -117,6 +162,63 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
                 return Ok(ExitCode::FAILURE);
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo => Ok(if cli::demo::run(settings).await? {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }),
+        Command::Dlq {
+            action: DlqAction::List { limit, json },
+        } => {
+            let (letters, total) = cli::dlq::list(&settings, limit).await?;
+            if json {
+                for l in &letters {
+                    println!("{}", serde_json::to_string(l)?);
+                }
+            } else {
+                cli::dlq::print_table(&letters, total);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dlq {
+            action:
+                DlqAction::Replay {
+                    all,
+                    kind,
+                    job_id,
+                    limit,
+                },
+        } => {
+            for k in &kind {
+                if jelou_worker::outcome::ErrorKind::parse(k).is_none() {
+                    anyhow::bail!(
+                        "--kind {k}: not a failure kind (invalid_job, rejected, retries_exhausted, expired, delivery_limit)"
+                    );
+                }
+            }
+            if !all && kind.is_empty() && job_id.is_empty() {
+                anyhow::bail!("say what to replay: --all, or --kind KIND / --job-id ID");
+            }
+            let filter = cli::dlq::Filter {
+                kinds: kind,
+                job_ids: job_id,
+            };
+            let done = cli::dlq::replay(&settings, &filter, limit).await?;
+            eprintln!(
+                "replayed {}, left {} in the dead-letter queue that did not match",
+                done.moved.len(),
+                done.kept
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { bot } => {
+            let findings = cli::check::run(&settings, &bot).await;
+            Ok(if cli::check::print(&findings) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::StandIn { listen, latency_ms } => {
             let stand_in = jelou_worker::stand_in::StandIn::start_on(listen, false).await?;

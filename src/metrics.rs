@@ -32,7 +32,8 @@ pub struct ClassLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RetryLabels {
-    /// `in_process` (slept in the worker) or `parked` (on a delay queue).
+    /// Where the job waits: `delay_queue` (parked), `retry_queue` (checkpointed, the
+    /// rest slept by its next consumer) or `in_process` (the broker could not take it).
     pub mode: &'static str,
 }
 

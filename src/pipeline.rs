@@ -289,10 +289,41 @@ impl JobRun {
             state.last_error = Some(failure.message.clone());
             state.last_code = failure.code.clone();
             last = Some(failure);
+            if let Waited::Left = self.checkpoint(&state, wait).await {
+                return;
+            }
         }
     }
 
-    /// Waits until `state.not_before`: here when short, parked on the broker when long.
+    /// After a failed attempt: saves the retry state on the broker, so that no crash
+    /// can reset it, by moving the job (a copy carrying the state in its headers) to
+    /// where it waits: a delay queue for a long wait, else the retry queue, whose
+    /// consumer sleeps out the rest. Returns `Ready` when the move failed and the job
+    /// must wait here instead.
+    async fn checkpoint(&self, state: &RetryState, wait: Duration) -> Waited {
+        let (queue, mode) = match self.delay_queue_for(wait) {
+            Some(queue) => (queue, "delay_queue"),
+            None => (self.shared.topology.retry_queue(), "retry_queue"),
+        };
+        match self.republish(&queue, state, None).await {
+            Ok(()) => {
+                self.count_retry(mode);
+                tracing::debug!(
+                    wait_ms = wait.as_millis() as u64,
+                    queue,
+                    "the job waits for its next attempt on the broker"
+                );
+                Waited::Left
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, queue, "could not move the job for its retry; it waits in this worker");
+                Waited::Ready
+            }
+        }
+    }
+
+    /// Waits until `state.not_before`: in this worker when short, parked on a delay
+    /// queue when long.
     async fn wait_until_due(&self, state: &RetryState) -> Waited {
         let Some(not_before) = state.not_before_ms else {
             return Waited::Ready;
@@ -302,32 +333,37 @@ impl JobRun {
             return Waited::Ready;
         }
         let wait = Duration::from_millis(wait_ms as u64);
-        let threshold = Duration::from_millis(self.shared.settings.retry.park_threshold_ms);
-        if wait >= threshold
-            && let Some(delay) = self.shared.topology.delay_for(wait)
-        {
-            self.shared
-                .metrics
-                .retries_scheduled
-                .get_or_create(&crate::metrics::RetryLabels { mode: "parked" })
-                .inc();
-            let queue = self.shared.topology.delay_queue(delay);
-            tracing::debug!(wait_ms, queue, "parking the job until its next attempt");
-            return match self.republish(&queue, state, None).await {
-                Ok(()) => Waited::Left,
-                // Parking failed (the delay queue is gone?): wait here instead.
-                Err(e) => {
-                    tracing::warn!(error = %e, queue, "could not park the job; waiting in the worker");
-                    self.sleep_in_process(wait, state).await
+        if let Some(queue) = self.delay_queue_for(wait) {
+            match self.republish(&queue, state, None).await {
+                Ok(()) => {
+                    self.count_retry("delay_queue");
+                    return Waited::Left;
                 }
-            };
+                Err(e) => {
+                    tracing::warn!(error = %e, queue, "could not park the job; it waits in this worker")
+                }
+            }
         }
+        self.count_retry("in_process");
+        self.sleep_in_process(wait, state).await
+    }
+
+    /// The delay queue for a wait long enough to be parked, if any fits.
+    fn delay_queue_for(&self, wait: Duration) -> Option<String> {
+        let threshold = Duration::from_millis(self.shared.settings.retry.park_threshold_ms);
+        let topology = &self.shared.topology;
+        (wait >= threshold)
+            .then(|| topology.delay_for(wait))
+            .flatten()
+            .map(|d| topology.delay_queue(d))
+    }
+
+    fn count_retry(&self, mode: &'static str) {
         self.shared
             .metrics
             .retries_scheduled
-            .get_or_create(&crate::metrics::RetryLabels { mode: "in_process" })
+            .get_or_create(&crate::metrics::RetryLabels { mode })
             .inc();
-        self.sleep_in_process(wait, state).await
     }
 
     async fn sleep_in_process(&self, wait: Duration, state: &RetryState) -> Waited {
@@ -341,9 +377,10 @@ impl JobRun {
         }
     }
 
-    /// Shutdown: puts the job back on the jobs queue with its retry state, at once.
+    /// Shutdown: puts the job back on the broker (the retry queue) with its retry
+    /// state, at once.
     async fn hand_back(&self, state: &RetryState) {
-        let queue = self.shared.topology.jobs_queue.clone();
+        let queue = self.shared.topology.retry_queue();
         match self.republish(&queue, state, None).await {
             Ok(()) => {
                 self.shared.metrics.jobs_handed_back.inc();
@@ -370,7 +407,7 @@ impl JobRun {
     /// counter header (confirmed), and the original acked; the copy comes round again.
     async fn requeue_counted(self, deliveries: u32) {
         let state = RetryState::from_headers(self.delivery.properties.headers().as_ref());
-        let queue = self.shared.topology.jobs_queue.clone();
+        let queue = self.shared.topology.retry_queue();
         if let Err(e) = self.republish(&queue, &state, Some(deliveries)).await {
             tracing::warn!(error = %e, "could not count a redelivery; leaving the job to the broker");
         }

@@ -69,13 +69,9 @@ impl Shared {
     pub fn new(settings: Settings) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::new());
         let jelou = JelouClient::new(&settings.jelou, settings.amqp.prefetch as usize)?;
-        let delays = broker::delay_buckets(
-            Duration::from_millis(settings.retry.park_threshold_ms),
-            Duration::from_millis(settings.retry.max_elapsed_ms),
-        );
         Ok(Self {
             policy: RetryPolicy::from(&settings.retry),
-            topology: Topology::new(&settings.amqp, delays),
+            topology: Topology::for_settings(&settings),
             gate: Arc::new(Gate::new(&settings.jelou, metrics.clone())),
             jelou,
             metrics,
@@ -203,28 +199,45 @@ async fn session(
         }
     }
     let publisher = Publisher::open(&connection, timeout).await?;
+    // Two consumers on one channel: the jobs queue with `amqp.prefetch`, and the
+    // retry queue (jobs coming back for another attempt) with a quarter of it on top,
+    // so that a retry never waits behind the backlog. (Quorum queues have no
+    // channel-wide prefetch, so each consumer gets its own.)
     let channel = bounded(timeout, "channel.open", connection.create_channel()).await?;
-    bounded(
-        timeout,
-        "basic.qos",
-        channel.basic_qos(amqp.prefetch, BasicQosOptions::default()),
-    )
-    .await?;
     let tag = format!(
         "jelou-worker-{}-{}-{}",
         hostname(),
         std::process::id(),
         uuid::Uuid::new_v4().simple()
     );
-    let mut consumer = bounded(
-        timeout,
-        "basic.consume",
-        channel.basic_consume(
-            amqp.jobs_queue.as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        ),
+    let retry_tag = format!("{tag}-retry");
+    let consume = |queue: String, tag: String, prefetch: u16| {
+        let channel = channel.clone();
+        async move {
+            bounded(
+                timeout,
+                "basic.qos",
+                channel.basic_qos(prefetch, BasicQosOptions::default()),
+            )
+            .await?;
+            bounded(
+                timeout,
+                "basic.consume",
+                channel.basic_consume(
+                    queue.as_str().into(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                ),
+            )
+            .await
+        }
+    };
+    let mut jobs = consume(amqp.jobs_queue.clone(), tag.clone(), amqp.prefetch).await?;
+    let mut retries = consume(
+        shared.topology.retry_queue(),
+        retry_tag.clone(),
+        (amqp.prefetch / 4).max(1),
     )
     .await?;
     let session = Arc::new(Session {
@@ -234,16 +247,25 @@ async fn session(
     shared.set_ready(true);
     tracing::info!(queue = %amqp.jobs_queue, prefetch = amqp.prefetch, "consuming");
     let end = loop {
-        tokio::select! {
+        let next = tokio::select! {
             _ = stops.shutdown.cancelled() => break SessionEnd::Shutdown,
             _ = session.lost.cancelled() => break SessionEnd::Lost("publishing failed".into()),
-            next = consumer.next() => match next {
-                Some(Ok(delivery)) => {
-                    tracker.spawn(pipeline::process(shared.clone(), session.clone(), delivery, stops.clone()));
-                }
-                Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
-                None => break SessionEnd::Lost("the broker cancelled the consumer (queue deleted?)".into()),
-            },
+            next = jobs.next() => next,
+            next = retries.next() => next,
+        };
+        match next {
+            Some(Ok(delivery)) => {
+                tracker.spawn(pipeline::process(
+                    shared.clone(),
+                    session.clone(),
+                    delivery,
+                    stops.clone(),
+                ));
+            }
+            Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
+            None => {
+                break SessionEnd::Lost("the broker cancelled a consumer (queue deleted?)".into());
+            }
         }
     };
     shared.set_ready(false);

@@ -62,11 +62,9 @@ pub async fn run(settings: &Settings, source: Source) -> anyhow::Result<(usize, 
     let connected = broker::connect(amqp, "jelou-worker enqueue").await?;
     let conn = connected.connection;
     if amqp.declare_topology {
-        let delays = broker::delay_buckets(
-            std::time::Duration::from_millis(settings.retry.park_threshold_ms),
-            std::time::Duration::from_millis(settings.retry.max_elapsed_ms),
-        );
-        Topology::new(amqp, delays).declare(&conn, timeout).await?;
+        Topology::for_settings(settings)
+            .declare(&conn, timeout)
+            .await?;
     }
     let publisher = Publisher::open(&conn, timeout).await?;
     let total = lines.len();
@@ -115,6 +113,7 @@ pub async fn run(settings: &Settings, source: Source) -> anyhow::Result<(usize, 
         progress.tick(published + refused);
     }
     progress.finish();
+    publisher.close().await;
     let _ = conn.close(200, "done".into()).await;
     Ok((published, refused))
 }
