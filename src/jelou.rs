@@ -130,26 +130,34 @@ impl JelouClient {
 
     /// Makes one attempt: posts `body` for `bot_id` and classifies the answer.
     pub async fn send(&self, bot_id: &str, body: Bytes) -> Attempt {
-        match tokio::time::timeout(self.inner.timeout, self.exchange(bot_id, body)).await {
-            Ok(Ok((status, retry_after, body))) => classify_response(
+        let deadline = tokio::time::Instant::now() + self.inner.timeout;
+        match self.exchange(bot_id, body, deadline).await {
+            Ok((status, retry_after, body)) => classify_response(
                 status,
                 retry_after.as_deref(),
                 &body,
                 std::time::SystemTime::now(),
             ),
-            Ok(Err(failure)) => Attempt::Failed(failure),
-            Err(_) => Attempt::Failed(AttemptFailure::transport(format!(
-                "no complete answer from Jelou within jelou.request_timeout_ms ({} ms)",
-                self.inner.timeout.as_millis()
-            ))),
+            Err(failure) => Attempt::Failed(failure),
         }
     }
 
-    /// Posts and reads the status, `Retry-After` and at most `max_body` bytes of the body.
+    fn timed_out(&self) -> AttemptFailure {
+        AttemptFailure::transport(format!(
+            "no complete answer from Jelou within jelou.request_timeout_ms ({} ms)",
+            self.inner.timeout.as_millis()
+        ))
+    }
+
+    /// Posts and reads the status, `Retry-After` and at most `max_body` bytes of the
+    /// body, all before `deadline`. A 2xx whose body is not complete by then is
+    /// classified from what was read, like one whose body broke off: Jelou may have
+    /// accepted the message, so it must not be resent.
     async fn exchange(
         &self,
         bot_id: &str,
         body: Bytes,
+        deadline: tokio::time::Instant,
     ) -> Result<(u16, Option<String>, Vec<u8>), AttemptFailure> {
         let uri: Uri = self
             .message_url(bot_id)
@@ -167,12 +175,13 @@ impl JelouClient {
             )
             .body(Full::new(body))
             .map_err(|e| AttemptFailure::transport(format!("cannot build the request: {e}")))?;
-        let response = self
-            .inner
-            .client
-            .request(request)
-            .await
-            .map_err(|e| AttemptFailure::transport(describe_error(&e)))?;
+        let response =
+            match tokio::time::timeout_at(deadline, self.inner.client.request(request)).await {
+                Ok(response) => {
+                    response.map_err(|e| AttemptFailure::transport(describe_error(&e)))?
+                }
+                Err(_) => return Err(self.timed_out()),
+            };
         let status = response.status().as_u16();
         let retry_after = response
             .headers()
@@ -181,8 +190,17 @@ impl JelouClient {
             .map(str::to_owned);
         let mut body = response.into_body();
         let mut read = Vec::new();
+        let success = (200..300).contains(&status);
         while read.len() < self.inner.max_body {
-            match body.frame().await {
+            let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+                Ok(frame) => frame,
+                Err(_) if success => {
+                    tracing::debug!("a 2xx body did not complete within jelou.request_timeout_ms");
+                    break;
+                }
+                Err(_) => return Err(self.timed_out()),
+            };
+            match frame {
                 None => break,
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
@@ -190,7 +208,7 @@ impl JelouClient {
                         read.extend_from_slice(&data[..data.len().min(room)]);
                     }
                 }
-                Some(Err(e)) if (200..300).contains(&status) => {
+                Some(Err(e)) if success => {
                     // A 2xx whose body broke off: Jelou may have accepted the message,
                     // so this is a verdict (classified from what was read), not a retry.
                     tracing::debug!(error = %e, "response body broke off");
@@ -305,6 +323,80 @@ mod tests {
         ];
         for (raw, want) in cases {
             assert_eq!(encode_segment(raw), want, "{raw:?}");
+        }
+    }
+
+    /// A server on loopback that answers every connection with `answer` (written at
+    /// once) and then keeps the connection open, silent, for a minute.
+    async fn stalling_server(answer: &'static [u8]) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s.write_all(answer).await;
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    fn quick_client(base_url: String) -> JelouClient {
+        let settings = JelouSettings {
+            base_url,
+            request_timeout_ms: 300,
+            ..JelouSettings::default()
+        };
+        JelouClient::with_authorization(&settings, HeaderValue::from_static("Basic x"), 1).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_2xx_whose_body_stalls_is_a_verdict_not_a_retry() {
+        let base = stalling_server(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"success\":true,",
+        )
+        .await;
+        match quick_client(base).send("B", Bytes::from_static(b"{}")).await {
+            Attempt::Failed(f) => {
+                assert!(!f.retryable, "a 2xx may have been accepted: {f:?}");
+                assert_eq!(f.http_status, Some(200));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A complete success body is a success even if the connection then stalls.
+        let base = stalling_server(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"success\":true,\"messageId\":\"m\"}",
+        )
+        .await;
+        assert_eq!(
+            quick_client(base).send("B", Bytes::from_static(b"{}")).await,
+            Attempt::Delivered {
+                message_id: "m".into()
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stall_before_the_status_or_in_a_5xx_body_is_retried() {
+        for answer in [
+            &b"HTTP/1.1 2"[..],
+            &b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 100\r\n\r\n{"[..],
+        ] {
+            let base = stalling_server(answer).await;
+            let started = std::time::Instant::now();
+            match quick_client(base).send("B", Bytes::from_static(b"{}")).await {
+                Attempt::Failed(f) => {
+                    assert!(f.retryable, "{f:?}");
+                    assert_eq!(f.http_status, None);
+                    assert!(f.message.contains("request_timeout_ms"), "{}", f.message);
+                }
+                other => panic!("{other:?}"),
+            }
+            assert!(started.elapsed() < Duration::from_secs(5));
         }
     }
 

@@ -109,16 +109,19 @@ pub fn parse_job(
             ),
         ));
     }
+    // JSON is UTF-8 (RFC 8259): serde_json checks the strings it reads, but not those
+    // of fields it skips, so the whole body is checked here.
+    if std::str::from_utf8(body).is_err() {
+        return Err(invalid(None, None, None, "job is not UTF-8 JSON".into()));
+    }
     // serde would also read a JSON array positionally into the struct: refuse it.
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        let reason = match std::str::from_utf8(body) {
-            Err(_) => "job is not UTF-8 JSON".to_string(),
-            Ok(_) if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() => {
-                "job is not valid JSON".to_string()
-            }
-            Ok(_) => "job must be a JSON object".to_string(),
+        let reason = if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() {
+            "job is not valid JSON"
+        } else {
+            "job must be a JSON object"
         };
-        return Err(invalid(None, None, None, reason));
+        return Err(invalid(None, None, None, reason.into()));
     }
     let raw: RawJob = serde_json::from_slice(body)
         .map_err(|e| invalid(None, None, None, format!("job is not valid JSON: {e}")))?;
@@ -137,12 +140,17 @@ pub fn parse_job(
         }
     };
     let bot_id = raw.bot_id.and_then(|v| string_of(v).ok().flatten());
-    let head: Option<RawMessage> = raw
-        .message
-        .filter(|m| m.get().starts_with('{'))
-        .and_then(|m| serde_json::from_str(m.get()).ok());
+    // A message that is an object but cannot be read (a duplicate `type` or `userId`:
+    // which one would Jelou read?) says why.
+    let head: Result<RawMessage, String> = match raw.message {
+        Some(m) if m.get().starts_with('{') => {
+            serde_json::from_str(m.get()).map_err(|e| format!("message: {e}"))
+        }
+        _ => Err("message must be a JSON object".into()),
+    };
     let user_id = head
         .as_ref()
+        .ok()
         .and_then(|h| h.user_id)
         .and_then(|v| string_of(v).ok().flatten());
     let fail = |reason: &str| {
@@ -162,8 +170,9 @@ pub fn parse_job(
     let Some(message) = raw.message else {
         return Err(fail("message is missing"));
     };
-    let Some(head) = head else {
-        return Err(fail("message must be a JSON object"));
+    let head = match head {
+        Ok(head) => head,
+        Err(reason) => return Err(fail(&reason)),
     };
     match head.kind.map(string_of) {
         None => return Err(fail("message.type is missing")),
@@ -227,6 +236,9 @@ pub struct RetryState {
 /// Counters above this are treated as garbage (a producer's stray header), not data.
 const MAX_SANE_COUNT: i64 = 1_000_000;
 
+/// How far apart the clocks of two workers may be, for [`RetryState::bounded`].
+const CLOCK_SKEW_MS: i64 = 60_000;
+
 impl RetryState {
     /// Reads the state from a job's headers. A header of the wrong AMQP type, negative
     /// or absurdly large is ignored as if absent: a producer's mistake must not crash
@@ -250,6 +262,25 @@ impl RetryState {
             last_error: string_header(h, header::LAST_ERROR),
             last_code: string_header(h, header::LAST_CODE),
         }
+    }
+
+    /// Drops a `not_before` that no worker could have written: one further than
+    /// `max_elapsed` (`retry.max_elapsed_ms`, plus a minute for clock skew between
+    /// workers) after `now_ms`. The worker never schedules an attempt later than
+    /// `max_elapsed` after the first one, so such a value is a producer's forgery or
+    /// garbage; honouring it would park the job again and again, for ever, before its
+    /// deadline is even looked at.
+    pub fn bounded(mut self, now_ms: i64, max_elapsed: std::time::Duration) -> Self {
+        let limit = i64::try_from(max_elapsed.as_millis())
+            .unwrap_or(i64::MAX)
+            .saturating_add(CLOCK_SKEW_MS);
+        if self
+            .not_before_ms
+            .is_some_and(|at| at.saturating_sub(now_ms) > limit)
+        {
+            self.not_before_ms = None;
+        }
+        self
     }
 
     /// Writes the state into `headers`, replacing earlier values.
@@ -493,6 +524,36 @@ mod tests {
     }
 
     #[test]
+    fn invalid_utf8_anywhere_is_invalid_even_in_an_ignored_field() {
+        let mut body = br#"{"botId":"B","note":""#.to_vec();
+        body.extend_from_slice(b"\xfe\",\"message\":{\"type\":\"t\",\"userId\":\"u\"}}");
+        let e = parse_job(&body, Some("m"), MAX).unwrap_err();
+        assert!(e.reason.contains("UTF-8"), "{}", e.reason);
+        assert_eq!(e.job_id, "m");
+    }
+
+    #[test]
+    fn duplicate_keys_the_worker_reads_make_the_job_invalid_and_say_so() {
+        let e = err(r#"{"botId":"B","message":{"type":"t","type":"u","userId":"u"}}"#);
+        assert!(e.reason.contains("duplicate field `type`"), "{}", e.reason);
+        assert_eq!(e.bot_id.as_deref(), Some("B"));
+        let e = err(r#"{"botId":"B","message":{"type":"t","userId":"u","userI\u0064":"v"}}"#);
+        assert!(
+            e.reason.contains("duplicate field `userId`"),
+            "{}",
+            e.reason
+        );
+        let e = err(r#"{"botId":"B","botI\u0064":"C","message":{"type":"t","userId":"u"}}"#);
+        assert!(e.reason.contains("duplicate field `botId`"), "{}", e.reason);
+        // A duplicate the worker does not read is sent as written.
+        let job = ok(r#"{"botId":"B","message":{"type":"t","userId":"u","text":"a","text":"b"}}"#);
+        assert_eq!(
+            job.message.get(),
+            r#"{"type":"t","userId":"u","text":"a","text":"b"}"#
+        );
+    }
+
+    #[test]
     fn deeply_nested_json_is_read_without_recursion() {
         // The message is kept as raw bytes, never walked recursively: a hostile depth
         // neither overflows the stack nor changes what is sent.
@@ -561,5 +622,34 @@ mod tests {
         assert_eq!(RetryState::from_headers(Some(&h)).attempts, 2);
         h.insert(header::LAST_STATUS.into(), AMQPValue::LongInt(70000));
         assert_eq!(RetryState::from_headers(Some(&h)).last_status, None);
+    }
+
+    #[test]
+    fn a_not_before_no_worker_could_have_written_is_dropped() {
+        let now = 1_700_000_000_000;
+        let max = std::time::Duration::from_secs(900);
+        let at = |nb: i64| {
+            RetryState {
+                not_before_ms: Some(nb),
+                ..RetryState::default()
+            }
+            .bounded(now, max)
+            .not_before_ms
+        };
+        // Within max_elapsed (and the clock skew allowance): kept.
+        assert_eq!(at(now + 900_000), Some(now + 900_000));
+        assert_eq!(at(now + 960_000), Some(now + 960_000));
+        assert_eq!(at(now - 5_000), Some(now - 5_000));
+        // Beyond: garbage.
+        assert_eq!(at(now + 960_001), None);
+        assert_eq!(at(i64::MAX), None);
+        let huge = RetryState {
+            not_before_ms: Some(i64::MAX),
+            ..RetryState::default()
+        };
+        assert_eq!(
+            huge.bounded(i64::MIN, std::time::Duration::MAX).not_before_ms,
+            Some(i64::MAX)
+        );
     }
 }

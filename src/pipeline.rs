@@ -5,13 +5,14 @@
 //!                 │                                  ▲                              │
 //!                 │ invalid                          └── retryable, time left ◄─────┤
 //!                 ▼                                                                 ▼
-//!            complete: publish result (confirmed) ─► failed? keep the job in the DLQ (confirmed) ─► ack
+//!            complete: failed? keep the job in the DLQ (confirmed) ─► publish the result (confirmed) ─► ack
 //! ```
 //!
 //! The ack always comes last: a crash anywhere before it makes the broker redeliver
-//! the job (at least once). Between attempts a job either sleeps here (short waits) or
-//! is *parked*: a copy carrying its retry state in headers is published to a delay
-//! queue, confirmed, and only then is the original acked.
+//! the job (at least once). After a failed attempt the job's retry state is saved on
+//! the broker: a copy carrying it in headers is published (to a delay queue for a long
+//! wait, else to the retry queue, whose consumer sleeps out the rest), confirmed, and
+//! only then is the original acked. So no crash can reset a job's attempt count.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -473,51 +474,13 @@ impl JobRun {
         Ok(())
     }
 
-    /// Publishes the result and, for a failure, the job to the dead-letter exchange,
+    /// For a failure, keeps the job in the dead-letter queue first (so that whoever
+    /// sees the failure result can already replay it); then publishes the result;
     /// both confirmed; then acks. What could not be published is remembered, so a
     /// redelivery of this job to this worker finishes it without sending it again.
     async fn complete(self, outcome: JobOutcome, attempts: u32, mut progress: Progress) {
         let s = &self.shared.settings.amqp;
         let completed_at = Utc::now();
-        if !progress.result_published {
-            let body = result_body(
-                ResultFor {
-                    job_id: &self.ident.job_id,
-                    bot_id: self.ident.bot_id.as_deref(),
-                    user_id: self.ident.user_id.as_deref(),
-                },
-                &outcome,
-                attempts,
-                completed_at,
-            );
-            let routing_key = match outcome {
-                JobOutcome::Success { .. } => &s.success_routing_key,
-                JobOutcome::Failure(_) => &s.failure_routing_key,
-            };
-            match self
-                .session
-                .publisher
-                .publish(
-                    &s.result_exchange,
-                    routing_key,
-                    &body,
-                    self.result_properties(),
-                )
-                .await
-            {
-                Ok(Published::Routed) => {}
-                Ok(Published::Unroutable) => {
-                    self.shared.metrics.results_unroutable.inc();
-                    tracing::warn!(
-                        exchange = %s.result_exchange,
-                        routing_key,
-                        "no queue is bound to receive this result: it is lost to consumers, but the job is done and is not sent again"
-                    );
-                }
-                Err(e) => return self.remember(outcome, attempts, progress, e),
-            }
-            progress.result_published = true;
-        }
         if let JobOutcome::Failure(f) = &outcome
             && !progress.dead_lettered
         {
@@ -573,6 +536,45 @@ impl JobRun {
                 Err(e) => return self.remember(outcome, attempts, progress, e),
             }
             progress.dead_lettered = true;
+        }
+        if !progress.result_published {
+            let body = result_body(
+                ResultFor {
+                    job_id: &self.ident.job_id,
+                    bot_id: self.ident.bot_id.as_deref(),
+                    user_id: self.ident.user_id.as_deref(),
+                },
+                &outcome,
+                attempts,
+                completed_at,
+            );
+            let routing_key = match outcome {
+                JobOutcome::Success { .. } => &s.success_routing_key,
+                JobOutcome::Failure(_) => &s.failure_routing_key,
+            };
+            match self
+                .session
+                .publisher
+                .publish(
+                    &s.result_exchange,
+                    routing_key,
+                    &body,
+                    self.result_properties(),
+                )
+                .await
+            {
+                Ok(Published::Routed) => {}
+                Ok(Published::Unroutable) => {
+                    self.shared.metrics.results_unroutable.inc();
+                    tracing::warn!(
+                        exchange = %s.result_exchange,
+                        routing_key,
+                        "no queue is bound to receive this result: it is lost to consumers, but the job is done and is not sent again"
+                    );
+                }
+                Err(e) => return self.remember(outcome, attempts, progress, e),
+            }
+            progress.result_published = true;
         }
         let acked = self.ack().await;
         let (status, kind) = match &outcome {

@@ -319,7 +319,9 @@ async fn drain(tracker: &TaskTracker, stops: &Stops, grace_ms: u64) {
     }
 }
 
-fn hostname() -> String {
+/// This machine's name, for connection names and consumer tags (so operators can
+/// tell workers apart in the management UI).
+pub fn hostname() -> String {
     std::env::var("HOSTNAME")
         .ok()
         .filter(|h| !h.is_empty())
