@@ -218,16 +218,8 @@ async fn dlq_list_and_replay_move_real_dead_letters() {
     worker.stop().await.unwrap();
 
     // list: three, with kinds, and they stay in place.
-    let out = command(&settings, &["dlq", "list", "--json"])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let listed: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+    let out = run_ok(&settings, &["dlq", "list", "--json"]).await;
+    let listed: Vec<serde_json::Value> = out
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
@@ -249,8 +241,11 @@ async fn dlq_list_and_replay_move_real_dead_letters() {
         3,
         "list must not consume"
     );
-    let table = command(&settings, &["dlq", "list"]).output().await.unwrap();
-    assert!(String::from_utf8_lossy(&table.stdout).contains("3 shown, 3 in the dead-letter queue"));
+    let table = run_ok(&settings, &["dlq", "list"]).await;
+    assert!(
+        table.contains("3 shown, 3 in the dead-letter queue"),
+        "{table}"
+    );
 
     // replay needs a filter or --all.
     let refused = command(&settings, &["dlq", "replay"])
@@ -259,16 +254,8 @@ async fn dlq_list_and_replay_move_real_dead_letters() {
         .unwrap();
     assert!(!refused.status.success());
     // replay by kind moves only that one, with a fresh attempt count.
-    let out = command(&settings, &["dlq", "replay", "--kind", "retries_exhausted"])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "d-exhausted");
+    let out = run_ok(&settings, &["dlq", "replay", "--kind", "retries_exhausted"]).await;
+    assert_eq!(out.trim(), "d-exhausted");
     assert_eq!(env.message_count(&settings.amqp.dead_letter_queue).await, 2);
     let moved = env.drain(&settings.amqp.jobs_queue).await;
     assert_eq!(moved.len(), 1);
@@ -295,17 +282,10 @@ async fn dlq_list_and_replay_move_real_dead_letters() {
     worker.stop().await.unwrap();
 
     // replay by jobId, then --all.
-    let out = command(&settings, &["dlq", "replay", "--job-id", "d-invalid"])
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "d-invalid");
-    let out = command(&settings, &["dlq", "replay", "--all"])
-        .output()
-        .await
-        .unwrap();
-    assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "d-rejected");
+    let out = run_ok(&settings, &["dlq", "replay", "--job-id", "d-invalid"]).await;
+    assert_eq!(out.trim(), "d-invalid");
+    let out = run_ok(&settings, &["dlq", "replay", "--all"]).await;
+    assert_eq!(out.trim(), "d-rejected");
     assert_eq!(env.message_count(&settings.amqp.dead_letter_queue).await, 0);
     assert_eq!(
         env.message_count(&settings.amqp.jobs_queue).await,
@@ -321,9 +301,7 @@ async fn check_passes_a_good_configuration_and_names_each_problem() {
     env.jelou
         .always(Reply::json(400, json!({"message": "type is required"})));
     env.declare().await;
-    let out = command(&env.settings, &["check"]).output().await.unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{stdout}");
+    let stdout = run_ok(&env.settings, &["check"]).await;
     assert!(stdout.contains("ready to run"), "{stdout}");
     assert!(stdout.contains("credentials are accepted"), "{stdout}");
     // check sent no message: only the empty probe object reached Jelou.
@@ -378,21 +356,14 @@ async fn check_passes_a_good_configuration_and_names_each_problem() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enqueue_publishes_from_flags_and_json_lines() {
     let env = TestEnv::new("enqueue").await;
-    let out = command(
+    let out = run_ok(
         &env.settings,
         &[
             "enqueue", "--bot", "B1", "--user", "593", "--text", "Hola", "--job-id", "e-flag",
         ],
     )
-    .output()
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "e-flag");
+    .await;
+    assert_eq!(out.trim(), "e-flag");
 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("jobs.jsonl");

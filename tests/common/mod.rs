@@ -609,3 +609,16 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Runs `jelou-worker ARGS` configured by `settings`, asserts it succeeded, and
+/// returns its stdout.
+pub async fn run_ok(settings: &Settings, args: &[&str]) -> String {
+    let out = command(settings, args).output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "jelou-worker {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
