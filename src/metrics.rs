@@ -3,8 +3,6 @@
 //! Every name starts with `jelou_worker_`; counters end in `_total`, durations are in
 //! seconds, as Prometheus' naming conventions ask.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{
@@ -56,11 +54,11 @@ pub struct Metrics {
     pub broker_connects: Counter,
     pub broker_connected: Gauge,
     pub broker_node: Family<NodeLabels, Gauge>,
+    pub broker_failovers: Counter,
     pub circuit_state: Gauge,
     pub rate_limited_waits: Counter,
     pub jobs_handed_back: Counter,
     current_node: std::sync::Mutex<Option<String>>,
-    connects_seen: AtomicU64,
 }
 
 /// Values of `jelou_worker_circuit_state`.
@@ -139,6 +137,12 @@ impl Metrics {
             "1 for the broker node in use",
             broker_node.clone(),
         );
+        let broker_failovers = Counter::default();
+        registry.register(
+            "broker_failovers",
+            "Reconnections that went to another broker node than the previous connection",
+            broker_failovers.clone(),
+        );
         let circuit_state = Gauge::default();
         registry.register(
             "circuit_state",
@@ -169,20 +173,22 @@ impl Metrics {
             broker_connects,
             broker_connected,
             broker_node,
+            broker_failovers,
             circuit_state,
             rate_limited_waits,
             jobs_handed_back,
             current_node: std::sync::Mutex::new(None),
-            connects_seen: AtomicU64::new(0),
         }
     }
 
     /// Records the node a new connection went to.
     pub fn connected_to(&self, node: &str) {
         self.broker_connects.inc();
-        self.connects_seen.fetch_add(1, Ordering::Relaxed);
         let mut current = self.current_node.lock().expect("not poisoned");
         if let Some(old) = current.take() {
+            if old != node {
+                self.broker_failovers.inc();
+            }
             self.broker_node.remove(&NodeLabels { node: old });
         }
         self.broker_node
