@@ -648,7 +648,8 @@ mod tests {
             ..RetryState::default()
         };
         assert_eq!(
-            huge.bounded(i64::MIN, std::time::Duration::MAX).not_before_ms,
+            huge.bounded(i64::MIN, std::time::Duration::MAX)
+                .not_before_ms,
             Some(i64::MAX)
         );
     }

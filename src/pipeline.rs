@@ -114,7 +114,11 @@ enum Waited {
 
 impl JobRun {
     async fn drive(self, parsed: Result<Job, crate::job::InvalidJob>) {
-        let mut state = RetryState::from_headers(self.delivery.properties.headers().as_ref());
+        let mut state = RetryState::from_headers(self.delivery.properties.headers().as_ref())
+            .bounded(
+                Utc::now().timestamp_millis(),
+                self.shared.policy.max_elapsed,
+            );
         // A job whose outcome this worker already knows (its result could not be
         // published before the connection dropped) is finished without a new send.
         if let Some(known) = self.shared.finished.take(self.cache_key()) {
