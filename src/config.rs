@@ -569,9 +569,15 @@ impl Settings {
         if r.max_attempts == 0 {
             return Err(invalid("retry.max_attempts", "must be at least 1"));
         }
-        if r.max_elapsed_ms == 0 {
-            return Err(invalid("retry.max_elapsed_ms", "must be at least 1"));
+        // Thirty days: far beyond any useful retry, and small enough that every time
+        // computed from it fits.
+        if r.max_elapsed_ms == 0 || r.max_elapsed_ms > 30 * 24 * 3_600_000 {
+            return Err(invalid(
+                "retry.max_elapsed_ms",
+                "must be between 1 and 2592000000 (30 days)",
+            ));
         }
+
         if self.log.level.trim().is_empty() {
             return Err(invalid("log.level", "must not be empty"));
         }

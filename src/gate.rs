@@ -44,6 +44,9 @@ const MAX_TRACKED_BOTS: usize = 10_000;
 
 pub struct Gate {
     spacing: Option<Duration>,
+    /// The longest a 429 may pause a bot: `retry.max_elapsed_ms`, since no job would
+    /// wait longer for a retry anyway.
+    max_pause: Duration,
     threshold: u32,
     consecutive_outages: AtomicU32,
     bots: Mutex<HashMap<String, Instant>>,
@@ -54,11 +57,12 @@ pub struct Gate {
 }
 
 impl Gate {
-    pub fn new(settings: &JelouSettings, metrics: Arc<Metrics>) -> Self {
+    pub fn new(settings: &JelouSettings, max_pause: Duration, metrics: Arc<Metrics>) -> Self {
         let spacing = (settings.rate_limit_per_second > 0.0)
             .then(|| Duration::from_secs_f64(1.0 / settings.rate_limit_per_second));
         Self {
             spacing,
+            max_pause,
             threshold: settings.circuit_failure_threshold,
             consecutive_outages: AtomicU32::new(0),
             bots: Mutex::new(HashMap::new()),
@@ -108,7 +112,7 @@ impl Gate {
             let pause = failure
                 .retry_after
                 .unwrap_or(DEFAULT_429_PAUSE)
-                .min(Duration::from_secs(3600));
+                .min(self.max_pause);
             let mut bots = self.bots.lock().expect("not poisoned");
             let until = Instant::now() + pause;
             let free_at = bots.entry(bot.to_string()).or_insert(until);
@@ -241,7 +245,11 @@ mod tests {
             rate_limit_per_second: rate,
             ..JelouSettings::default()
         };
-        Gate::new(&settings, Arc::new(Metrics::new()))
+        Gate::new(
+            &settings,
+            Duration::from_secs(900),
+            Arc::new(Metrics::new()),
+        )
     }
 
     fn status(code: u16, retry_after: Option<Duration>) -> Attempt {

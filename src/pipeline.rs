@@ -119,11 +119,14 @@ impl JobRun {
                 Utc::now().timestamp_millis(),
                 self.shared.policy.max_elapsed,
             );
-        // A job whose outcome this worker already knows (its result could not be
-        // published before the connection dropped) is finished without a new send.
-        if let Some(known) = self.shared.finished.take(self.cache_key()) {
+        // A redelivered job whose outcome this worker already knows is finished
+        // without a new send: its result could not be published before the connection
+        // dropped, or it was, and only the ack was lost with the connection.
+        if self.delivery.redelivered
+            && let Some(known) = self.shared.finished.take(self.cache_key())
+        {
             tracing::info!(
-                "redelivered job already finished here: publishing its outcome, not sending it again"
+                "redelivered job already finished here: completing it from what is known, not sending it again"
             );
             return self
                 .complete(known.outcome, known.attempts, known.progress)
@@ -270,8 +273,11 @@ impl JobRun {
                 }
                 RetryDecision::Wait(wait) => wait,
             };
-            let next_at =
-                Utc::now() + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX);
+            // `wait` is at most retry.max_elapsed_ms (validated to fit), so this holds.
+            let next_at = chrono::Duration::from_std(wait)
+                .ok()
+                .and_then(|w| Utc::now().checked_add_signed(w))
+                .unwrap_or(chrono::DateTime::<Utc>::MAX_UTC);
             if let Some(deadline) = job.deadline
                 && next_at > deadline
             {
@@ -580,7 +586,7 @@ impl JobRun {
             }
             progress.result_published = true;
         }
-        let acked = self.ack().await;
+        self.ack().await;
         let (status, kind) = match &outcome {
             JobOutcome::Success { .. } => ("success", "none"),
             JobOutcome::Failure(f) => ("failure", f.kind.as_str()),
@@ -617,18 +623,17 @@ impl JobRun {
                 "job finished"
             ),
         }
-        if !acked {
-            // The result is out; the broker will redeliver the job. Remember it so
-            // that the redelivery only acks.
-            self.shared.finished.put(
-                self.cache_key(),
-                Finished {
-                    outcome,
-                    attempts,
-                    progress,
-                },
-            );
-        }
+        // Remembered even when acked: an ack is only written to the socket, and is lost
+        // if the node dies before reading it (kill -9 of the worker's node). The broker
+        // then redelivers the job, and without this it would be sent to Jelou again.
+        self.shared.finished.put(
+            self.cache_key(),
+            Finished {
+                outcome,
+                attempts,
+                progress,
+            },
+        );
     }
 
     fn remember(&self, outcome: JobOutcome, attempts: u32, progress: Progress, error: BrokerError) {
@@ -678,7 +683,9 @@ impl JobRun {
         let max = self.shared.settings.amqp.max_deliveries;
         let headers = self.delivery.properties.headers();
         match self.shared.settings.amqp.queue_type {
-            QueueType::Quorum => {
+            // The broker sets `x-delivery-count` on redeliveries; on a first delivery the
+            // header can only be a producer's (or a copy's leftover): ignored.
+            QueueType::Quorum if self.delivery.redelivered => {
                 let n = headers
                     .as_ref()
                     .and_then(|h| int_header(h, header::QUORUM_DELIVERY_COUNT))
@@ -690,6 +697,7 @@ impl JobRun {
                     Deliveries::Fine
                 }
             }
+            QueueType::Quorum => Deliveries::Fine,
             QueueType::Classic if self.delivery.redelivered => {
                 let n = headers
                     .as_ref()

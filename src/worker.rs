@@ -72,7 +72,11 @@ impl Shared {
         Ok(Self {
             policy: RetryPolicy::from(&settings.retry),
             topology: Topology::for_settings(&settings),
-            gate: Arc::new(Gate::new(&settings.jelou, metrics.clone())),
+            gate: Arc::new(Gate::new(
+                &settings.jelou,
+                Duration::from_millis(settings.retry.max_elapsed_ms),
+                metrics.clone(),
+            )),
             jelou,
             metrics,
             finished: FinishedCache::new(10_000),
@@ -185,73 +189,66 @@ async fn session(
     let broker::Connected { connection, node } = broker::connect(amqp, &name).await?;
     shared.metrics.connected_to(&node);
     tracing::info!(node, "connected to the broker");
-    if amqp.declare_topology && !*declared {
-        shared.topology.declare(&connection, timeout).await?;
-        *declared = true;
-    } else {
-        // After the first declaration (and always when declaring is off) only check:
-        // a full declaration can block on a cluster node that is still recovering.
-        match shared.topology.verify(&connection, timeout).await {
-            Err(BrokerError::Missing { .. }) if amqp.declare_topology => {
-                shared.topology.declare(&connection, timeout).await?
-            }
-            other => other?,
-        }
-    }
-    let publisher = Publisher::open(&connection, timeout).await?;
-    // Two consumers on one channel: the jobs queue with `amqp.prefetch`, and the
-    // retry queue (jobs coming back for another attempt) with a quarter of it on top,
-    // so that a retry never waits behind the backlog. (Quorum queues have no
-    // channel-wide prefetch, so each consumer gets its own.)
-    let channel = bounded(timeout, "channel.open", connection.create_channel()).await?;
     let tag = format!(
         "jelou-worker-{}-{}-{}",
         hostname(),
         std::process::id(),
         uuid::Uuid::new_v4().simple()
     );
-    let retry_tag = format!("{tag}-retry");
-    let consume = |queue: String, tag: String, prefetch: u16| {
-        let channel = channel.clone();
-        async move {
-            bounded(
-                timeout,
-                "basic.qos",
-                channel.basic_qos(prefetch, BasicQosOptions::default()),
+    let (publisher, channel, mut jobs) = match set_up(shared, &connection, &tag, declared).await {
+        Ok(set) => set,
+        Err(e) => {
+            // Close what was opened. Left open, the connection lives on, and a
+            // basic.consume that the broker completes after our timeout (one on a
+            // queue whose leader is on a frozen node does) hands it up to
+            // amqp.prefetch jobs that nobody reads or acks, for as long as the
+            // process runs.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                connection.close(320, "setting up failed".into()),
             )
-            .await?;
-            bounded(
-                timeout,
-                "basic.consume",
-                channel.basic_consume(
-                    queue.as_str().into(),
-                    tag.as_str().into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                ),
-            )
-            .await
+            .await;
+            return Err(e);
         }
     };
-    let mut jobs = consume(amqp.jobs_queue.clone(), tag.clone(), amqp.prefetch).await?;
-    let mut retries = consume(
-        shared.topology.retry_queue(),
-        retry_tag.clone(),
-        (amqp.prefetch / 4).max(1),
-    )
-    .await?;
     let session = Arc::new(Session {
         publisher,
         lost: CancellationToken::new(),
     });
     shared.set_ready(true);
     tracing::info!(queue = %amqp.jobs_queue, prefetch = amqp.prefetch, "consuming");
+    // The retry queue (jobs coming back for another attempt) is subscribed beside the
+    // jobs queue, never before it, on a channel of its own: on RabbitMQ 3.x a
+    // basic.consume on a quorum queue whose leader is on a frozen node hangs until the
+    // node comes back or is declared down (net_ticktime, 60 s by default), and new jobs
+    // must not wait for that. Until it is subscribed its jobs wait on the broker.
+    let retry_tag = format!("{tag}-retry");
+    let mut retries: Option<(lapin::Channel, lapin::Consumer)> = None;
+    let subscribe = || subscribe_retries(shared, &connection, &retry_tag);
+    let mut subscribing = Some(Box::pin(subscribe()));
+    let mut resubscribe_at: Option<tokio::time::Instant> = None;
     let end = loop {
         let next = tokio::select! {
             _ = stops.shutdown.cancelled() => break SessionEnd::Shutdown,
             _ = session.lost.cancelled() => break SessionEnd::Lost("publishing failed".into()),
+            subscribed = async { subscribing.as_mut().expect("guarded").await }, if subscribing.is_some() => {
+                subscribing = None;
+                match subscribed {
+                    Ok(subscribed) => retries = Some(subscribed),
+                    Err(e) => {
+                        tracing::warn!(error = %e, queue = %shared.topology.retry_queue(), "cannot consume the retry queue yet; consuming new jobs meanwhile");
+                        resubscribe_at = Some(tokio::time::Instant::now() + timeout);
+                    }
+                }
+                continue;
+            }
+            _ = async { tokio::time::sleep_until(resubscribe_at.expect("guarded")).await }, if resubscribe_at.is_some() => {
+                resubscribe_at = None;
+                subscribing = Some(Box::pin(subscribe()));
+                continue;
+            }
             next = jobs.next() => next,
-            next = retries.next() => next,
+            next = async { retries.as_mut().expect("guarded").1.next().await }, if retries.is_some() => next,
         };
         match next {
             Some(Ok(delivery)) => {
@@ -268,6 +265,7 @@ async fn session(
             }
         }
     };
+    drop(subscribing);
     shared.set_ready(false);
     match end {
         SessionEnd::Shutdown => {
@@ -278,6 +276,15 @@ async fn session(
                 channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
             )
             .await;
+            if let Some((retry_channel, _)) = &retries {
+                let _ = bounded(
+                    timeout,
+                    "basic.cancel",
+                    retry_channel
+                        .basic_cancel(retry_tag.as_str().into(), BasicCancelOptions::default()),
+                )
+                .await;
+            }
             // Jobs of this session still need the connection to publish and ack.
             let tracker = tracker.clone();
             tracker.close();
@@ -301,6 +308,96 @@ async fn session(
         }
     }
     Ok(end)
+}
+
+/// Checks (or declares) the topology, opens the publisher, and consumes the jobs queue.
+async fn set_up(
+    shared: &Arc<Shared>,
+    connection: &lapin::Connection,
+    tag: &str,
+    declared: &mut bool,
+) -> Result<(Publisher, lapin::Channel, lapin::Consumer), BrokerError> {
+    let amqp = &shared.settings.amqp;
+    let timeout = amqp.operation_timeout();
+    if amqp.declare_topology && !*declared {
+        shared.topology.declare(connection, timeout).await?;
+        *declared = true;
+    } else {
+        // After the first declaration (and always when declaring is off) only check:
+        // a full declaration can block on a cluster node that is still recovering.
+        match shared.topology.verify(connection, timeout).await {
+            Err(BrokerError::Missing { .. }) if amqp.declare_topology => {
+                shared.topology.declare(connection, timeout).await?
+            }
+            other => other?,
+        }
+    }
+    let publisher = Publisher::open(connection, timeout).await?;
+    let channel = bounded(timeout, "channel.open", connection.create_channel()).await?;
+    let jobs = consume(&channel, &amqp.jobs_queue, tag, amqp.prefetch, timeout).await?;
+    Ok((publisher, channel, jobs))
+}
+
+/// Subscribes to the retry queue on a new channel, with a quarter of `amqp.prefetch`
+/// on top of the jobs queue's. A channel whose subscription got no answer is closed
+/// (the broker may still complete it later: closing hands back what it delivered).
+async fn subscribe_retries(
+    shared: &Arc<Shared>,
+    connection: &lapin::Connection,
+    tag: &str,
+) -> Result<(lapin::Channel, lapin::Consumer), BrokerError> {
+    let amqp = &shared.settings.amqp;
+    let timeout = amqp.operation_timeout();
+    let channel = bounded(timeout, "channel.open", connection.create_channel()).await?;
+    let subscribed = consume(
+        &channel,
+        &shared.topology.retry_queue(),
+        tag,
+        (amqp.prefetch / 4).max(1),
+        timeout,
+    )
+    .await;
+    match subscribed {
+        Ok(consumer) => Ok((channel, consumer)),
+        Err(e) => {
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(60),
+                    channel.close(200, "subscribing failed".into()),
+                )
+                .await;
+            });
+            Err(e)
+        }
+    }
+}
+
+/// `basic.qos` then `basic.consume` on `channel`. (Quorum queues have no channel-wide
+/// prefetch: each consumer gets its own.)
+async fn consume(
+    channel: &lapin::Channel,
+    queue: &str,
+    tag: &str,
+    prefetch: u16,
+    timeout: Duration,
+) -> Result<lapin::Consumer, BrokerError> {
+    bounded(
+        timeout,
+        "basic.qos",
+        channel.basic_qos(prefetch, BasicQosOptions::default()),
+    )
+    .await?;
+    bounded(
+        timeout,
+        "basic.consume",
+        channel.basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
 }
 
 /// Waits for the jobs in flight, at most the grace period; then tells the rest to
