@@ -5,7 +5,12 @@
 //! Every broker operation here is bounded by `amqp.operation_timeout_ms`: a frozen
 //! node must never hang the worker (a `queue.bind` can otherwise wait a minute).
 
-use std::{future::Future, str::FromStr, time::Duration};
+use std::{
+    future::Future,
+    str::FromStr,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
 
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
@@ -83,11 +88,24 @@ pub struct Connected {
     pub node: String,
 }
 
-/// Connects to the first node of `amqp.url` that answers, starting at a random one so
-/// that many workers spread over a cluster's nodes.
+/// The index in `amqp.url` that the next [`connect`] tries first: `usize::MAX` until a
+/// first connection, then the node after the one last connected to.
+static NEXT_NODE: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// Connects to the first node of `amqp.url` that answers.
+///
+/// The first connection starts at a random node, so that many workers spread over a
+/// cluster's nodes. Every later one starts at the node *after* the one last connected
+/// to: a worker that lost its node tries the others before coming back to it. That
+/// matters for a frozen node (a stopped VM, a long GC pause, a network blackhole): its
+/// kernel still accepts the TCP connection and then nothing answers, so trying it first
+/// would cost a whole `amqp.operation_timeout_ms` before the next node is tried.
 pub async fn connect(amqp: &AmqpSettings, connection_name: &str) -> Result<Connected, BrokerError> {
     let urls: Vec<&str> = amqp.url.expose().collect();
-    let start = fastrand::usize(..urls.len());
+    let start = match NEXT_NODE.load(Ordering::Relaxed) {
+        usize::MAX => fastrand::usize(..urls.len()),
+        next => next % urls.len(),
+    };
     let tls = tls_config(amqp)?;
     let mut reasons = Vec::new();
     for i in 0..urls.len() {
@@ -114,7 +132,10 @@ pub async fn connect(amqp: &AmqpSettings, connection_name: &str) -> Result<Conne
             .with_properties(properties)
             .with_tls_config(tls.clone());
         match tokio::time::timeout(amqp.operation_timeout(), builder.connect()).await {
-            Ok(Ok(connection)) => return Ok(Connected { connection, node }),
+            Ok(Ok(connection)) => {
+                NEXT_NODE.store((start + i + 1) % urls.len(), Ordering::Relaxed);
+                return Ok(Connected { connection, node });
+            }
             Ok(Err(e)) => reasons.push(format!("{node}: {e}")),
             Err(_) => reasons.push(format!(
                 "{node}: no answer within amqp.operation_timeout_ms"
@@ -127,27 +148,53 @@ pub async fn connect(amqp: &AmqpSettings, connection_name: &str) -> Result<Conne
     })
 }
 
+/// The TLS files of `amqp.*`, read and checked here so that a wrong file fails the
+/// start naming its key: lapin would only fail each connection attempt (and, for a CA
+/// file without a certificate, silently fall back to the system's roots).
 fn tls_config(amqp: &AmqpSettings) -> Result<OwnedTLSConfig, BrokerError> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
     let read = |key: &'static str, path: &std::path::Path| {
         std::fs::read(path).map_err(|e| BrokerError::Tls {
             key,
             problem: format!("{}: {e}", path.display()),
         })
     };
+    let problem = |key: &'static str, path: &std::path::Path, what: String| BrokerError::Tls {
+        key,
+        problem: format!("{}: {what}", path.display()),
+    };
+    let certificates = |key: &'static str, path: &std::path::Path| {
+        let pem = read(key, path)?;
+        let certs = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| problem(key, path, format!("not a PEM file: {e}")))?;
+        if certs.is_empty() {
+            return Err(problem(key, path, "no PEM certificate in it".into()));
+        }
+        Ok(pem)
+    };
     let cert_chain = match &amqp.tls_ca_file {
         Some(path) => Some(
-            String::from_utf8(read("amqp.tls_ca_file", path)?).map_err(|_| BrokerError::Tls {
-                key: "amqp.tls_ca_file",
-                problem: format!("{}: not a PEM text file", path.display()),
-            })?,
+            String::from_utf8(certificates("amqp.tls_ca_file", path)?)
+                .map_err(|_| problem("amqp.tls_ca_file", path, "not a PEM text file".into()))?,
         ),
         None => None,
     };
     let identity = match (&amqp.tls_client_cert_file, &amqp.tls_client_key_file) {
-        (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
-            pem: read("amqp.tls_client_cert_file", cert)?,
-            key: read("amqp.tls_client_key_file", key)?,
-        }),
+        (Some(cert), Some(key)) => {
+            let pem = certificates("amqp.tls_client_cert_file", cert)?;
+            let key_pem = read("amqp.tls_client_key_file", key)?;
+            // The parser lapin uses (PKCS#8, and PKCS#1 or SEC1 keys too). Its error
+            // never quotes the file, so no key material can reach a log.
+            PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+                problem(
+                    "amqp.tls_client_key_file",
+                    key,
+                    format!("no PEM private key in it ({e})"),
+                )
+            })?;
+            Some(OwnedIdentity::PKCS8 { pem, key: key_pem })
+        }
         _ => None,
     };
     Ok(OwnedTLSConfig {

@@ -175,13 +175,12 @@ impl JelouClient {
             )
             .body(Full::new(body))
             .map_err(|e| AttemptFailure::transport(format!("cannot build the request: {e}")))?;
-        let response =
-            match tokio::time::timeout_at(deadline, self.inner.client.request(request)).await {
-                Ok(response) => {
-                    response.map_err(|e| AttemptFailure::transport(describe_error(&e)))?
-                }
-                Err(_) => return Err(self.timed_out()),
-            };
+        let response = match tokio::time::timeout_at(deadline, self.inner.client.request(request))
+            .await
+        {
+            Ok(response) => response.map_err(|e| AttemptFailure::transport(describe_error(&e)))?,
+            Err(_) => return Err(self.timed_out()),
+        };
         let status = response.status().as_u16();
         let retry_after = response
             .headers()
@@ -356,11 +355,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_2xx_whose_body_stalls_is_a_verdict_not_a_retry() {
-        let base = stalling_server(
-            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"success\":true,",
-        )
-        .await;
-        match quick_client(base).send("B", Bytes::from_static(b"{}")).await {
+        let base =
+            stalling_server(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"success\":true,")
+                .await;
+        match quick_client(base)
+            .send("B", Bytes::from_static(b"{}"))
+            .await
+        {
             Attempt::Failed(f) => {
                 assert!(!f.retryable, "a 2xx may have been accepted: {f:?}");
                 assert_eq!(f.http_status, Some(200));
@@ -373,7 +374,9 @@ mod tests {
         )
         .await;
         assert_eq!(
-            quick_client(base).send("B", Bytes::from_static(b"{}")).await,
+            quick_client(base)
+                .send("B", Bytes::from_static(b"{}"))
+                .await,
             Attempt::Delivered {
                 message_id: "m".into()
             }
@@ -388,7 +391,10 @@ mod tests {
         ] {
             let base = stalling_server(answer).await;
             let started = std::time::Instant::now();
-            match quick_client(base).send("B", Bytes::from_static(b"{}")).await {
+            match quick_client(base)
+                .send("B", Bytes::from_static(b"{}"))
+                .await
+            {
                 Attempt::Failed(f) => {
                     assert!(f.retryable, "{f:?}");
                     assert_eq!(f.http_status, None);

@@ -167,10 +167,14 @@ pub fn classify_response(
     now: SystemTime,
 ) -> Attempt {
     if (200..300).contains(&status) {
-        if let Ok(SuccessBody {
-            success: true,
-            message_id: serde_json::Value::String(id),
-        }) = serde_json::from_slice::<SuccessBody>(body)
+        // serde reads a JSON array positionally into a struct (`[true, "m"]`): only an
+        // object is Jelou's success body.
+        let is_object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        if is_object
+            && let Ok(SuccessBody {
+                success: true,
+                message_id: serde_json::Value::String(id),
+            }) = serde_json::from_slice::<SuccessBody>(body)
         {
             return Attempt::Delivered { message_id: id };
         }
@@ -321,6 +325,27 @@ mod tests {
             assert_eq!(f.http_status, Some(200));
             assert!(f.message.contains("not resent"), "{}", f.message);
         }
+    }
+
+    #[test]
+    fn only_a_json_object_is_a_success_body() {
+        // Found by fuzzing (fuzz/fuzz_targets/classify_response.rs): serde read the
+        // array positionally into the success struct.
+        for body in [
+            r#"[true,""]"#,
+            r#"[true,"m1"]"#,
+            r#" [true, "m1"] "#,
+            r#"{"success":false,"success":true,"messageId":"m"}"#,
+        ] {
+            let f = failed(200, body);
+            assert!(!f.retryable, "{body}");
+        }
+        assert_eq!(
+            classify_response(200, None, br#" {"success":true,"messageId":"m1"} "#, now()),
+            Attempt::Delivered {
+                message_id: "m1".into()
+            }
+        );
     }
 
     #[test]
