@@ -5,12 +5,7 @@
 //! Every broker operation here is bounded by `amqp.operation_timeout_ms`: a frozen
 //! node must never hang the worker (a `queue.bind` can otherwise wait a minute).
 
-use std::{
-    future::Future,
-    str::FromStr,
-    sync::atomic::{AtomicUsize, Ordering},
-    time::Duration,
-};
+use std::{future::Future, str::FromStr, time::Duration};
 
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
@@ -86,26 +81,31 @@ pub struct Connected {
     pub connection: Connection,
     /// `host:port` of the node, for logs and metrics.
     pub node: String,
+    /// Where in `amqp.url` a reconnection should start: the node after this one.
+    pub next_start: usize,
 }
 
-/// The index in `amqp.url` that the next [`connect`] tries first: `usize::MAX` until a
-/// first connection, then the node after the one last connected to.
-static NEXT_NODE: AtomicUsize = AtomicUsize::new(usize::MAX);
-
-/// Connects to the first node of `amqp.url` that answers.
-///
-/// The first connection starts at a random node, so that many workers spread over a
-/// cluster's nodes. Every later one starts at the node *after* the one last connected
-/// to: a worker that lost its node tries the others before coming back to it. That
-/// matters for a frozen node (a stopped VM, a long GC pause, a network blackhole): its
-/// kernel still accepts the TCP connection and then nothing answers, so trying it first
-/// would cost a whole `amqp.operation_timeout_ms` before the next node is tried.
+/// Connects to the first node of `amqp.url` that answers, starting at a random one so
+/// that many workers spread over a cluster's nodes.
 pub async fn connect(amqp: &AmqpSettings, connection_name: &str) -> Result<Connected, BrokerError> {
+    connect_from(amqp, connection_name, None).await
+}
+
+/// Connects to the first node of `amqp.url` that answers, starting at index `start`
+/// (random when `None`).
+///
+/// The supervisor passes [`Connected::next_start`] of the connection it lost: a worker
+/// that lost its node tries the others before coming back to it. That matters for a
+/// frozen node (a stopped VM, a long GC pause, a network blackhole): its kernel still
+/// accepts the TCP connection and then nothing answers, so trying it first would cost a
+/// whole `amqp.operation_timeout_ms` before the next node is tried.
+pub async fn connect_from(
+    amqp: &AmqpSettings,
+    connection_name: &str,
+    start: Option<usize>,
+) -> Result<Connected, BrokerError> {
     let urls: Vec<&str> = amqp.url.expose().collect();
-    let start = match NEXT_NODE.load(Ordering::Relaxed) {
-        usize::MAX => fastrand::usize(..urls.len()),
-        next => next % urls.len(),
-    };
+    let start = start.unwrap_or_else(|| fastrand::usize(..urls.len())) % urls.len();
     let tls = tls_config(amqp)?;
     let mut reasons = Vec::new();
     for i in 0..urls.len() {
@@ -133,8 +133,11 @@ pub async fn connect(amqp: &AmqpSettings, connection_name: &str) -> Result<Conne
             .with_tls_config(tls.clone());
         match tokio::time::timeout(amqp.operation_timeout(), builder.connect()).await {
             Ok(Ok(connection)) => {
-                NEXT_NODE.store((start + i + 1) % urls.len(), Ordering::Relaxed);
-                return Ok(Connected { connection, node });
+                return Ok(Connected {
+                    connection,
+                    node,
+                    next_start: (start + i + 1) % urls.len(),
+                });
             }
             Ok(Err(e)) => reasons.push(format!("{node}: {e}")),
             Err(_) => reasons.push(format!(

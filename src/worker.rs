@@ -144,11 +144,13 @@ async fn supervise(
     };
     let mut backoff = new_backoff();
     let mut declared = false;
+    // Where in amqp.url the next connection starts (random for the first).
+    let mut next_node = None;
     loop {
         if stops.shutdown.is_cancelled() {
             return Ok(());
         }
-        let ended = session(shared, tracker, stops, &mut declared).await;
+        let ended = session(shared, tracker, stops, &mut declared, &mut next_node).await;
         shared.set_ready(false);
         let wait = match ended {
             Ok(SessionEnd::Shutdown) => return Ok(()),
@@ -182,11 +184,17 @@ async fn session(
     tracker: &TaskTracker,
     stops: &Stops,
     declared: &mut bool,
+    next_node: &mut Option<usize>,
 ) -> Result<SessionEnd, BrokerError> {
     let amqp = &shared.settings.amqp;
     let timeout = amqp.operation_timeout();
     let name = format!("jelou-worker {} pid {}", hostname(), std::process::id());
-    let broker::Connected { connection, node } = broker::connect(amqp, &name).await?;
+    let broker::Connected {
+        connection,
+        node,
+        next_start,
+    } = broker::connect_from(amqp, &name, *next_node).await?;
+    *next_node = Some(next_start);
     shared.metrics.connected_to(&node);
     tracing::info!(node, "connected to the broker");
     let tag = format!(
