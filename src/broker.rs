@@ -120,6 +120,13 @@ pub async fn connect_from(
         if uri.query.connection_timeout.is_none() {
             uri.query.connection_timeout = Some(amqp.operation_timeout_ms);
         }
+        if uri.query.frame_max.is_none() {
+            // lapin keeps a receive and a send buffer of 32 frames each, zero-filled: at
+            // RabbitMQ's default frame_max (128 KiB) that is 8 MiB resident per
+            // connection. 16 KiB frames make it 1 MiB; a large job is only split into
+            // more frames. (Measured with jelou-bench: idle RSS 17.6 → 9.9 MiB.)
+            uri.query.frame_max = Some(16_384);
+        }
         let node = format!("{}:{}", uri.authority.host, uri.authority.port);
         let properties =
             ConnectionProperties::default().with_connection_name(connection_name.into());
