@@ -628,27 +628,23 @@ impl JobRun {
         // Remembered even when acked: an ack is only written to the socket, and is lost
         // if the node dies before reading it (kill -9 of the worker's node). The broker
         // then redelivers the job, and without this it would be sent to Jelou again.
-        self.shared.finished.put(
-            self.cache_key(),
-            Finished {
-                outcome,
-                attempts,
-                progress,
-            },
-        );
+        self.keep(outcome, attempts, progress);
     }
 
     fn remember(&self, outcome: JobOutcome, attempts: u32, progress: Progress, error: BrokerError) {
         tracing::warn!(error = %error, "could not publish the outcome; it is kept here for the job's redelivery");
         self.session.fail(&error);
-        self.shared.finished.put(
-            self.cache_key(),
-            Finished {
-                outcome,
-                attempts,
-                progress,
-            },
-        );
+        self.keep(outcome, attempts, progress);
+    }
+
+    /// Remembers how this job ended, for a redelivery of it to this worker.
+    fn keep(&self, outcome: JobOutcome, attempts: u32, progress: Progress) {
+        let finished = Finished {
+            outcome,
+            attempts,
+            progress,
+        };
+        self.shared.finished.put(self.cache_key(), finished);
     }
 
     async fn ack(&self) -> bool {

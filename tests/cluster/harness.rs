@@ -8,6 +8,7 @@
 //! node when theirs fails; the tests point them at a node they do not fail, so that
 //! what is measured is the worker's failover, not theirs.
 
+use crate::common::http_get;
 use std::{
     collections::{HashMap, HashSet},
     hash::{Hash, Hasher},
@@ -28,11 +29,7 @@ use lapin::{
     },
     types::{AMQPValue, FieldTable},
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    process::Command,
-    task::JoinHandle,
-};
+use tokio::{process::Command, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 /// The nodes of the test cluster: cN@localhost, AMQP on 127.0.0.1:568N.
@@ -599,28 +596,6 @@ impl Metrics {
         }
         m
     }
-}
-
-/// A minimal HTTP/1.1 GET (the worker's server answers with a Content-Length).
-async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let fetch = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await.ok()?;
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        let code = text.split_whitespace().nth(1)?.parse().ok()?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Some((code, body))
-    };
-    tokio::time::timeout(Duration::from_secs(2), fetch)
-        .await
-        .ok()
-        .flatten()
 }
 
 /// One sample of the worker's state.

@@ -24,6 +24,8 @@
 //! and result collector use the third node T, which is never failed, so that what is
 //! measured is the worker's failover.
 
+#[path = "../common/mod.rs"]
+mod common;
 mod harness;
 
 use std::{
