@@ -278,15 +278,19 @@ impl TestEnv {
     pub async fn cleanup(self) {
         let ch = self.conn.create_channel().await.unwrap();
         let a = &self.settings.amqp;
+        // Every queue the worker declares, as the worker names them.
+        let topology = jelou_worker::broker::Topology::for_settings(&self.settings);
         let mut queues = vec![
-            a.jobs_queue.clone(),
-            a.dead_letter_queue.clone(),
+            topology.jobs_queue.clone(),
+            topology.retry_queue(),
+            topology.dead_letter_queue.clone(),
             self.results_queue.clone(),
         ];
+        queues.extend(topology.delays.iter().map(|d| topology.delay_queue(*d)));
+        // A worker started with other retry settings than `self.settings` may have
+        // declared other delay queues: every power of two a test could produce.
+        queues.extend((0..13).map(|k| format!("{}.delay.{}s", a.jobs_queue, 1u64 << k)));
         queues.extend(self.extra_queues.iter().cloned());
-        for secs in [1u64, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096] {
-            queues.push(format!("{}.delay.{secs}s", a.jobs_queue));
-        }
         for q in queues {
             let ch2 = self.conn.create_channel().await.unwrap();
             let _ = ch2
