@@ -27,7 +27,11 @@ pub fn init(format: LogFormat, level: &str) {
             .with_current_span(true)
             .with_span_list(false)
             .init(),
-        LogFormat::Text => builder.with_target(false).init(),
+        // Colours only on a terminal: a log file or collector gets plain text.
+        LogFormat::Text => builder
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
     }
     std::panic::set_hook(Box::new(|info| {
         let location = info

@@ -188,7 +188,8 @@ async fn session(
 ) -> Result<SessionEnd, BrokerError> {
     let amqp = &shared.settings.amqp;
     let timeout = amqp.operation_timeout();
-    let name = format!("jelou-worker {} pid {}", hostname(), std::process::id());
+    let host = hostname();
+    let name = format!("jelou-worker {host} pid {}", std::process::id());
     let broker::Connected {
         connection,
         node,
@@ -198,8 +199,7 @@ async fn session(
     shared.metrics.connected_to(&node);
     tracing::info!(node, "connected to the broker");
     let tag = format!(
-        "jelou-worker-{}-{}-{}",
-        hostname(),
+        "jelou-worker-{host}-{}-{}",
         std::process::id(),
         uuid::Uuid::new_v4().simple()
     );
