@@ -14,6 +14,7 @@
 //! | [`gate`] | circuit breaker, per-bot rate limit and 429 pauses |
 //! | [`broker`] | connecting, topology, confirmed publishing |
 //! | [`pipeline`] | one delivery, from the broker's hand to its ack |
+//! | [`acks`] | acks coalesced into `multiple` acks, never past an unfinished job |
 //! | [`worker`] | the supervisor and the consuming session (`run`) |
 //! | [`server`] | `/metrics`, `/healthz`, `/readyz` |
 //! | [`metrics`] | the Prometheus metrics |
@@ -21,6 +22,7 @@
 //! | [`logging`] | JSON or text logs |
 //! | [`stand_in`] | a stand-in Jelou on loopback, for the demo, tests and benchmark |
 
+pub mod acks;
 pub mod broker;
 pub mod cli;
 pub mod config;

@@ -137,7 +137,9 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
         Command::Run => {
             let shutdown = CancellationToken::new();
             tokio::spawn(watch_signals(shutdown.clone()));
-            worker::run(settings, shutdown).await?;
+            // On a runtime thread, not this one: the jobs the session spawns then start
+            // on the thread that received them, instead of waking another.
+            tokio::spawn(worker::run(settings, shutdown)).await??;
             Ok(ExitCode::SUCCESS)
         }
         Command::Enqueue {

@@ -26,13 +26,14 @@ use chrono::Utc;
 use lapin::{
     BasicProperties,
     message::Delivery,
-    options::{BasicAckOptions, BasicNackOptions},
+    options::BasicNackOptions,
     types::{AMQPValue, FieldTable, ShortString},
 };
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
+    acks::Acks,
     broker::{BrokerError, Published},
     config::QueueType,
     job::{Job, RetryState, header, int_header, parse_job},
@@ -60,7 +61,13 @@ struct Ident {
 
 /// Processes one delivery to the end: result published and job acked, or parked,
 /// or handed back, or left unacked for the broker to redeliver.
-pub async fn process(shared: Arc<Shared>, session: Arc<Session>, delivery: Delivery, stops: Stops) {
+pub async fn process(
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+    acks: Acks,
+    delivery: Delivery,
+    stops: Stops,
+) {
     shared.metrics.jobs_in_flight.inc();
     let parsed = parse_job(
         &delivery.data,
@@ -87,6 +94,7 @@ pub async fn process(shared: Arc<Shared>, session: Arc<Session>, delivery: Deliv
     let run = JobRun {
         shared: shared.clone(),
         session,
+        acks,
         delivery,
         ident,
         started: tokio::time::Instant::now(),
@@ -101,6 +109,8 @@ pub async fn process(shared: Arc<Shared>, session: Arc<Session>, delivery: Deliv
 struct JobRun {
     shared: Arc<Shared>,
     session: Arc<Session>,
+    /// Acks this delivery (coalesced with others of its channel).
+    acks: Acks,
     delivery: Delivery,
     ident: Ident,
     started: tokio::time::Instant,
@@ -404,7 +414,7 @@ impl JobRun {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not hand the job back with its state; requeueing it as it came");
-                let _ = self
+                let nacked = self
                     .delivery
                     .acker
                     .nack(BasicNackOptions {
@@ -412,6 +422,9 @@ impl JobRun {
                         ..Default::default()
                     })
                     .await;
+                if let Ok(true) = nacked {
+                    self.acks.settled_elsewhere(self.delivery.delivery_tag);
+                }
             }
         }
     }
@@ -478,11 +491,7 @@ impl JobRun {
                 return Err(e);
             }
         }
-        if !self.ack().await {
-            tracing::warn!(
-                "the copy is on the broker but the original could not be acked: it may run twice"
-            );
-        }
+        self.ack();
         Ok(())
     }
 
@@ -588,7 +597,7 @@ impl JobRun {
             }
             progress.result_published = true;
         }
-        self.ack().await;
+        self.ack();
         let (status, kind) = match &outcome {
             JobOutcome::Success { .. } => ("success", "none"),
             JobOutcome::Failure(f) => ("failure", f.kind.as_str()),
@@ -647,11 +656,11 @@ impl JobRun {
         self.shared.finished.put(self.cache_key(), finished);
     }
 
-    async fn ack(&self) -> bool {
-        matches!(
-            self.delivery.acker.ack(BasicAckOptions::default()).await,
-            Ok(true)
-        )
+    /// Acks the delivery. The ack is coalesced with those of other jobs and written
+    /// shortly after; if it is lost (the connection drops first) the broker redelivers
+    /// the job, and [`FinishedCache`] finishes it without a second send.
+    fn ack(&self) {
+        self.acks.ack(self.delivery.delivery_tag);
     }
 
     fn result_properties(&self) -> BasicProperties {

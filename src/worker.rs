@@ -25,6 +25,7 @@ use lapin::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    acks::Acks,
     broker::{self, BrokerError, Publisher, Topology, bounded},
     config::Settings,
     gate::Gate,
@@ -223,6 +224,8 @@ async fn session(
         publisher,
         lost: CancellationToken::new(),
     });
+    // Each consuming channel acks through its own task (delivery tags are per channel).
+    let jobs_acks = Acks::start(channel.clone(), session.lost.clone());
     shared.set_ready(true);
     tracing::info!(queue = %amqp.jobs_queue, prefetch = amqp.prefetch, "consuming");
     // The retry queue (jobs coming back for another attempt) is subscribed beside the
@@ -231,7 +234,7 @@ async fn session(
     // node comes back or is declared down (net_ticktime, 60 s by default), and new jobs
     // must not wait for that. Until it is subscribed its jobs wait on the broker.
     let retry_tag = format!("{tag}-retry");
-    let mut retries: Option<(lapin::Channel, lapin::Consumer)> = None;
+    let mut retries: Option<(lapin::Channel, lapin::Consumer, Acks)> = None;
     let subscribe = || subscribe_retries(shared, &connection, &retry_tag);
     let mut subscribing = Some(Box::pin(subscribe()));
     let mut resubscribe_at: Option<tokio::time::Instant> = None;
@@ -242,7 +245,10 @@ async fn session(
             subscribed = async { subscribing.as_mut().expect("guarded").await }, if subscribing.is_some() => {
                 subscribing = None;
                 match subscribed {
-                    Ok(subscribed) => retries = Some(subscribed),
+                    Ok((retry_channel, consumer)) => {
+                        let acks = Acks::start(retry_channel.clone(), session.lost.clone());
+                        retries = Some((retry_channel, consumer, acks));
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, queue = %shared.topology.retry_queue(), "cannot consume the retry queue yet; consuming new jobs meanwhile");
                         resubscribe_at = Some(tokio::time::Instant::now() + timeout);
@@ -255,20 +261,23 @@ async fn session(
                 subscribing = Some(Box::pin(subscribe()));
                 continue;
             }
-            next = jobs.next() => next,
-            next = async { retries.as_mut().expect("guarded").1.next().await }, if retries.is_some() => next,
+            next = jobs.next() => (next, &jobs_acks),
+            next = async { retries.as_mut().expect("guarded").1.next().await }, if retries.is_some() => {
+                (next, &retries.as_ref().expect("guarded").2)
+            }
         };
         match next {
-            Some(Ok(delivery)) => {
+            (Some(Ok(delivery)), acks) => {
                 tracker.spawn(pipeline::process(
                     shared.clone(),
                     session.clone(),
+                    acks.clone(),
                     delivery,
                     stops.clone(),
                 ));
             }
-            Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
-            None => {
+            (Some(Err(e)), _) => break SessionEnd::Lost(e.to_string()),
+            (None, _) => {
                 break SessionEnd::Lost("the broker cancelled a consumer (queue deleted?)".into());
             }
         }
@@ -284,7 +293,7 @@ async fn session(
                 channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
             )
             .await;
-            if let Some((retry_channel, _)) = &retries {
+            if let Some((retry_channel, _, _)) = &retries {
                 let _ = bounded(
                     timeout,
                     "basic.cancel",
@@ -297,6 +306,14 @@ async fn session(
             let tracker = tracker.clone();
             tracker.close();
             drain(&tracker, stops, shared.settings.shutdown.grace_period_ms).await;
+            // The finished jobs' acks must be on the wire before the close frame.
+            let _ = tokio::time::timeout(timeout, async {
+                jobs_acks.flush().await;
+                if let Some((_, _, acks)) = &retries {
+                    acks.flush().await;
+                }
+            })
+            .await;
             // Closing returns every unacked delivery to the queue.
             let _ = bounded(
                 timeout,

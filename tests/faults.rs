@@ -244,6 +244,83 @@ fn close_connections_of(pid: u32) -> usize {
     closed
 }
 
+/// Deliveries of `queue` the broker holds unacknowledged.
+fn unacked(queue: &str) -> Option<u64> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_queues",
+            "--no-table-headers",
+            "name",
+            "messages_unacknowledged",
+        ])
+        .output()
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .find(|(name, _)| *name == queue)
+        .and_then(|(_, n)| n.trim().parse().ok())
+}
+
+/// Acks are coalesced into `multiple` acks (src/acks.rs): the jobs that finished
+/// behind a slow one must be acked (not redelivered after a crash), and the slow one
+/// must not be covered by their acks (it would be lost in the crash).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_jobs_are_acked_around_a_running_one_which_is_not() {
+    let mut env = TestEnv::new("acks").await;
+    let slow = Arc::new(AtomicBool::new(true));
+    let slow_now = slow.clone();
+    env.jelou
+        .set_handler(move |seen, _| match seen.json()["userId"].as_str() {
+            Some("slow") if slow_now.load(Ordering::SeqCst) => {
+                Reply::Success.after(Duration::from_secs(60))
+            }
+            _ => Reply::Success,
+        });
+    env.settings.jelou.request_timeout_ms = 120_000;
+    env.declare().await;
+    // The slow job gets the lowest delivery tag: every other one is above it.
+    let mut first = text_job("acks-slow", "B");
+    first["message"]["userId"] = json!("slow");
+    env.publish(&first).await;
+    let fast = ids("acks-fast", 10);
+    for id in &fast {
+        env.publish(&text_job(id, "B")).await;
+    }
+    let daemon = Daemon::start(&env.settings).await;
+    let by_id = results_for(&env, &fast, WAIT).await;
+    assert_eq!(by_id.len(), fast.len());
+    let jobs_queue = env.settings.amqp.jobs_queue.clone();
+    eventually("only the slow job unacked", WAIT, || {
+        let q = jobs_queue.clone();
+        async move { unacked(&q) == Some(1) }
+    })
+    .await;
+    daemon.kill().await;
+    // What the broker has back is the slow job alone.
+    eventually("the slow job back in the queue", WAIT, || async {
+        env.message_count(&jobs_queue).await == 1
+    })
+    .await;
+    slow.store(false, Ordering::SeqCst);
+    let mut next = Daemon::start(&env.settings).await;
+    let r = env.result().await.json();
+    assert_eq!(
+        (r["jobId"].as_str(), r["status"].as_str()),
+        (Some("acks-slow"), Some("success"))
+    );
+    next.signal("TERM");
+    assert_eq!(next.exit_code(WAIT).await, Some(0));
+    assert_eq!(env.message_count(&jobs_queue).await, 0);
+    assert_eq!(
+        sends(&env),
+        fast.len() + 2,
+        "the fast jobs were sent once each"
+    );
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_broker_readyz_is_503_and_healthz_200() {
     let mut env = TestEnv::new("nobroker").await;
@@ -315,7 +392,9 @@ async fn sigterm_finishes_in_flight_jobs_and_hands_back_waiting_ones() {
         started.elapsed() < Duration::from_secs(4),
         "the waiting job held up shutdown"
     );
-    // The in-flight job finished and published its result.
+    // The in-flight job finished and published its result, and its ack went out
+    // before the connection closed: nothing is left in the jobs queue.
+    assert_eq!(env.message_count(&env.settings.amqp.jobs_queue).await, 0);
     let r = env.result().await.json();
     assert_eq!(
         (r["jobId"].as_str(), r["status"].as_str()),
