@@ -1,0 +1,303 @@
+//! The benchmark's Jelou: HTTP/1.1 keep-alive on loopback, answering every
+//! `POST /v1/bots/{botId}/messages` with Jelou's success body
+//! (`{"success":true,"messageId":"..."}`), after a set delay.
+//!
+//! Why not the crate's [`jelou_worker::stand_in::StandIn`] (axum, recording every
+//! request for the tests' assertions): here the stand-in shares the machine's cores
+//! with the worker and the broker, and every microsecond it spends on a request is
+//! taken from them, while the real Jelou costs the worker's machine nothing. This one
+//! does as little as an HTTP server can: per request one read, a parse of the head
+//! (httparse), and one write. Anything else than a well-formed POST to the messages
+//! path gets a 404 or a 400, so a worker that sent something wrong would not pass as
+//! a fast one.
+
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use tokio_util::sync::CancellationToken;
+
+/// A request head larger than this is refused (the worker's are a few hundred bytes).
+const MAX_REQUEST: usize = 1 << 20;
+
+/// How long to wait before answering, shared with the connections.
+#[derive(Default)]
+struct Delay {
+    /// Mean delay, in µs.
+    mean_us: AtomicU64,
+    /// Each delay is drawn uniformly from mean ± this many percent.
+    jitter_pct: AtomicU64,
+}
+
+impl Delay {
+    fn next(&self) -> Duration {
+        let mean = self.mean_us.load(Ordering::Relaxed) as f64;
+        let spread = mean * self.jitter_pct.load(Ordering::Relaxed) as f64 / 100.0;
+        let us = if spread > 0.0 {
+            mean + spread * (2.0 * fastrand::f64() - 1.0)
+        } else {
+            mean
+        };
+        Duration::from_micros(us.max(0.0) as u64)
+    }
+}
+
+struct Shared {
+    delay: Delay,
+    /// Requests answered with success; also the next messageId.
+    answered: AtomicU64,
+}
+
+/// A running lean Jelou; stops when dropped.
+pub struct LeanJelou {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+}
+
+impl LeanJelou {
+    /// Listens on an ephemeral loopback port; must be called on the runtime that is to
+    /// serve it.
+    pub async fn start() -> io::Result<Self> {
+        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            delay: Delay::default(),
+            answered: AtomicU64::new(0),
+        });
+        let stop = CancellationToken::new();
+        let (serving, stopped) = (shared.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    _ = stopped.cancelled() => return,
+                };
+                let Ok((stream, _)) = accepted else { continue };
+                let (shared, stopped) = (serving.clone(), stopped.clone());
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = serve(stream, &shared) => {}
+                        _ = stopped.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Ok(Self { addr, shared, stop })
+    }
+
+    /// `http://127.0.0.1:PORT`: the `jelou.base_url` to give the worker.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Answers after `mean`, each delay drawn uniformly from mean ± `jitter_pct` %.
+    pub fn answer_after(&self, mean: Duration, jitter_pct: u8) {
+        let delay = &self.shared.delay;
+        delay
+            .mean_us
+            .store(mean.as_micros() as u64, Ordering::Relaxed);
+        delay
+            .jitter_pct
+            .store(u64::from(jitter_pct), Ordering::Relaxed);
+    }
+
+    /// Requests answered with success so far.
+    pub fn answered(&self) -> u64 {
+        self.shared.answered.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for LeanJelou {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Serves one keep-alive connection until the peer closes it or sends garbage.
+async fn serve(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut out: Vec<u8> = Vec::with_capacity(256);
+    loop {
+        // Answer every complete request in the buffer, in order.
+        let mut used = 0;
+        loop {
+            match parse(&buf[used..]) {
+                Parsed::Complete { len, messages_post } => {
+                    used += len;
+                    if messages_post {
+                        let delay = shared.delay.next();
+                        if !delay.is_zero() {
+                            if !out.is_empty() {
+                                stream.write_all(&out).await?;
+                                out.clear();
+                            }
+                            tokio::time::sleep(delay).await;
+                        }
+                        let id = shared.answered.fetch_add(1, Ordering::Relaxed) + 1;
+                        success(&mut out, id);
+                    } else {
+                        out.extend_from_slice(
+                            b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n",
+                        );
+                    }
+                }
+                Parsed::Partial => break,
+                Parsed::Invalid => {
+                    out.extend_from_slice(
+                        b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+                    );
+                    stream.write_all(&out).await?;
+                    return Ok(());
+                }
+            }
+        }
+        buf.drain(..used);
+        if !out.is_empty() {
+            stream.write_all(&out).await?;
+            out.clear();
+        }
+        if buf.len() >= MAX_REQUEST {
+            stream
+                .write_all(b"HTTP/1.1 413 Content Too Large\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
+                .await?;
+            return Ok(());
+        }
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Ok(());
+        }
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum Parsed {
+    /// A whole request of `len` bytes (head and body); `messages_post` when it is a
+    /// POST to `/v1/bots/{botId}/messages` with a body.
+    Complete { len: usize, messages_post: bool },
+    /// More bytes are needed.
+    Partial,
+    /// Not HTTP/1.1 this server can read (no Content-Length body framing, bad head).
+    Invalid,
+}
+
+fn parse(buf: &[u8]) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut request = httparse::Request::new(&mut headers);
+    let head = match request.parse(buf) {
+        Ok(httparse::Status::Complete(head)) => head,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Invalid,
+    };
+    let mut body = 0usize;
+    for h in request.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            match std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+            {
+                Some(n) => body = n,
+                None => return Parsed::Invalid,
+            }
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Parsed::Invalid;
+        }
+    }
+    if buf.len() < head + body {
+        return Parsed::Partial;
+    }
+    let path = request.path.unwrap_or("");
+    let messages_post = request.method == Some("POST")
+        && body > 0
+        && path
+            .strip_prefix("/v1/bots/")
+            .and_then(|rest| rest.strip_suffix("/messages"))
+            .is_some_and(|bot| !bot.is_empty() && !bot.contains('/'));
+    Parsed::Complete {
+        len: head + body,
+        messages_post,
+    }
+}
+
+/// Appends Jelou's success answer, messageId `msg-<id>`.
+fn success(out: &mut Vec<u8>, id: u64) {
+    let mut digits = itoa::Buffer::new();
+    let id = digits.format(id);
+    // {"success":true,"messageId":"msg-"} is 35 bytes.
+    let body_len = 35 + id.len();
+    let mut len = itoa::Buffer::new();
+    out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: ");
+    out.extend_from_slice(len.format(body_len).as_bytes());
+    out.extend_from_slice(b"\r\n\r\n{\"success\":true,\"messageId\":\"msg-");
+    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(b"\"}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_post_to_the_messages_path_with_its_body() {
+        let req =
+            b"POST /v1/bots/b%2F1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}";
+        assert_eq!(
+            parse(req),
+            Parsed::Complete {
+                len: req.len(),
+                messages_post: true
+            }
+        );
+        assert_eq!(parse(&req[..req.len() - 1]), Parsed::Partial);
+        assert_eq!(parse(&req[..10]), Parsed::Partial);
+    }
+
+    #[test]
+    fn other_requests_are_not_messages_posts() {
+        for req in [
+            &b"GET /v1/bots/b/messages HTTP/1.1\r\ncontent-length: 0\r\n\r\n"[..],
+            b"POST /v1/bots//messages HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}",
+            b"POST /v1/bots/a/b/messages HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}",
+            b"POST /v2/bots/b/messages HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}",
+        ] {
+            assert!(
+                matches!(
+                    parse(req),
+                    Parsed::Complete {
+                        messages_post: false,
+                        ..
+                    }
+                ),
+                "{}",
+                String::from_utf8_lossy(req)
+            );
+        }
+        assert_eq!(
+            parse(b"POST /v1/bots/b/messages HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"),
+            Parsed::Invalid
+        );
+        assert_eq!(parse(b"\x00\x01garbage\r\n\r\n"), Parsed::Invalid);
+    }
+
+    #[test]
+    fn the_success_answer_is_jelous_body_with_a_right_length() {
+        let mut out = Vec::new();
+        success(&mut out, 12345);
+        let text = String::from_utf8(out).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert_eq!(body, r#"{"success":true,"messageId":"msg-12345"}"#);
+        assert!(head.ends_with(&format!("content-length: {}", body.len())));
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["messageId"], "msg-12345");
+    }
+}
