@@ -16,7 +16,7 @@ use std::{
     path::{Path, PathBuf},
     process::{ExitStatus, Stdio},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use futures_util::StreamExt;
@@ -34,6 +34,33 @@ use tokio_util::sync::CancellationToken;
 
 /// The nodes of the test cluster: cN@localhost, AMQP on 127.0.0.1:568N.
 pub const NODES: [u8; 3] = [1, 2, 3];
+
+/// When a node other than `old` logged that it became the leader of quorum queue
+/// `queue` (`candidate -> leader`), at or after `after`: the earliest such time. Read
+/// from the nodes' own logs (`scripts/cluster.sh` keeps them under
+/// `$JELOU_CLUSTER_DIR/cN/log`), which are written whatever state the cluster is in,
+/// where asking a node (`rabbitmqctl`) can hang while a member is frozen.
+pub fn leader_elected_at(queue: &str, old: u8, after: SystemTime) -> Option<SystemTime> {
+    let dir = std::env::var("JELOU_CLUSTER_DIR").unwrap_or_else(|_| "/tmp/jelou-cluster".into());
+    let marker = format!("queue '{queue}' in vhost");
+    NODES
+        .into_iter()
+        .filter(|n| *n != old)
+        .filter_map(|n| std::fs::read_to_string(format!("{dir}/c{n}/log/c{n}@localhost.log")).ok())
+        .flat_map(|log| {
+            log.lines()
+                .filter(|l| l.contains(&marker) && l.contains("candidate -> leader"))
+                .filter_map(|l| {
+                    // 2026-11-25 04:03:46.780309+00:00 [notice] ...
+                    let stamp = l.get(..32)?;
+                    chrono::DateTime::parse_from_str(stamp, "%Y-%m-%d %H:%M:%S%.f%:z").ok()
+                })
+                .map(SystemTime::from)
+                .collect::<Vec<_>>()
+        })
+        .filter(|t| *t >= after)
+        .min()
+}
 
 /// The environment variable that enables these tests.
 pub const ENABLE: &str = "JELOU_CLUSTER_TESTS";
