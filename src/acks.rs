@@ -124,11 +124,6 @@ impl Ledger {
             }
         }
     }
-
-    /// Tags at or below this are all settled.
-    pub fn floor(&self) -> u64 {
-        self.floor
-    }
 }
 
 enum Message {
@@ -232,10 +227,11 @@ async fn run(channel: Channel, mut rx: mpsc::UnboundedReceiver<Message>, lost: C
         let acks = ledger.plan(&finished, &elsewhere, release);
         finished.clear();
         elsewhere.clear();
-        held_since = match (ledger.holding(), held_since) {
-            (false, _) => None,
-            (true, Some(since)) => Some(since),
-            (true, None) => Some(tokio::time::Instant::now()),
+        // The hold is timed from when the oldest held tag was first held.
+        held_since = if ledger.holding() {
+            held_since.or_else(|| Some(tokio::time::Instant::now()))
+        } else {
+            None
         };
         if !failed && !acks.is_empty() {
             // Polled in order: each pushes its frame when first polled.
@@ -282,7 +278,7 @@ mod tests {
     fn a_run_from_the_floor_is_one_multiple_ack() {
         let mut l = Ledger::default();
         assert_eq!(l.plan(&[3, 1, 2], &[], false), vec![up_to(3)]);
-        assert_eq!(l.floor(), 3);
+        assert_eq!(l.floor, 3);
         assert_eq!(l.plan(&[4], &[], false), vec![up_to(4)]);
         assert!(!l.holding());
     }
@@ -296,7 +292,7 @@ mod tests {
         // 3 finishes: one ack covers 3, 4 and 5.
         assert_eq!(l.plan(&[3], &[], false), vec![up_to(5)]);
         assert!(!l.holding());
-        assert_eq!(l.floor(), 5);
+        assert_eq!(l.floor, 5);
     }
 
     #[test]
@@ -307,10 +303,10 @@ mod tests {
             vec![up_to(2), ack(4), ack(5)]
         );
         assert!(!l.holding());
-        assert_eq!(l.floor(), 2);
+        assert_eq!(l.floor, 2);
         // 3 finishes: acked alone (4 and 5 are no longer outstanding), floor to 5.
         assert_eq!(l.plan(&[3], &[], false), vec![up_to(3)]);
-        assert_eq!(l.floor(), 5);
+        assert_eq!(l.floor, 5);
         assert_eq!(l.plan(&[7, 6], &[], false), vec![up_to(7)]);
     }
 
@@ -320,7 +316,7 @@ mod tests {
         // 2 was left for the broker (never reported): nothing may cover it.
         assert_eq!(l.plan(&[1, 3], &[], true), vec![up_to(1), ack(3)]);
         assert_eq!(l.plan(&[4, 5], &[], true), vec![ack(4), ack(5)]);
-        assert_eq!(l.floor(), 1);
+        assert_eq!(l.floor, 1);
         // The acked tags beyond the gap are kept as one run, not one entry each.
         assert_eq!(l.settled.len(), 1);
     }
@@ -331,10 +327,10 @@ mod tests {
         // 2 was nacked by its job: the multiple ack may pass it (it is no longer
         // outstanding) but it is not acked.
         assert_eq!(l.plan(&[1, 3], &[2], false), vec![up_to(3)]);
-        assert_eq!(l.floor(), 3);
+        assert_eq!(l.floor, 3);
         // A nack reported alone only moves the floor.
         assert_eq!(l.plan(&[], &[4], false), vec![]);
-        assert_eq!(l.floor(), 4);
+        assert_eq!(l.floor, 4);
     }
 
     #[test]
@@ -353,7 +349,7 @@ mod tests {
         l.plan(&[4], &[], true);
         assert_eq!(l.settled.len(), 1);
         assert_eq!(l.plan(&[1], &[], false), vec![up_to(1)]);
-        assert_eq!(l.floor(), 6);
+        assert_eq!(l.floor, 6);
         assert!(l.settled.is_empty());
     }
 }

@@ -213,29 +213,38 @@ async fn a_closed_broker_connection_is_rebuilt_and_work_resumes() {
     env.cleanup().await;
 }
 
+/// The rows of `rabbitmqctl -q list_<what> --no-table-headers <columns>`, split on tabs.
+fn rabbitmqctl_list(what: &str, columns: &[&str]) -> Vec<Vec<String>> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", &format!("list_{what}"), "--no-table-headers"])
+        .args(columns)
+        .output()
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split('\t').map(str::to_string).collect())
+        .collect()
+}
+
 /// Closes the broker connections of process `pid` (by the name the worker gives
 /// them); how many it closed.
 fn close_connections_of(pid: u32) -> usize {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args([
-            "-q",
-            "list_connections",
-            "--no-table-headers",
-            "pid",
-            "client_properties",
-        ])
-        .output()
-        .expect("rabbitmqctl runs");
-    let text = String::from_utf8_lossy(&out.stdout);
     let mut closed = 0;
     let name = format!(
         "{{\"connection_name\",\"jelou-worker {} pid {pid}\"}}",
         jelou_worker::worker::hostname()
     );
-    for line in text.lines().filter(|l| l.contains(&name)) {
-        let conn = line.split('\t').next().unwrap();
+    for row in rabbitmqctl_list("connections", &["pid", "client_properties"]) {
+        if !row.iter().any(|column| column.contains(&name)) {
+            continue;
+        }
         let status = std::process::Command::new("rabbitmqctl")
-            .args(["-q", "close_connection", conn, "test closes the connection"])
+            .args([
+                "-q",
+                "close_connection",
+                &row[0],
+                "test closes the connection",
+            ])
             .status()
             .unwrap();
         assert!(status.success());
@@ -246,21 +255,10 @@ fn close_connections_of(pid: u32) -> usize {
 
 /// Deliveries of `queue` the broker holds unacknowledged.
 fn unacked(queue: &str) -> Option<u64> {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args([
-            "-q",
-            "list_queues",
-            "--no-table-headers",
-            "name",
-            "messages_unacknowledged",
-        ])
-        .output()
-        .expect("rabbitmqctl runs");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_once('\t'))
-        .find(|(name, _)| *name == queue)
-        .and_then(|(_, n)| n.trim().parse().ok())
+    rabbitmqctl_list("queues", &["name", "messages_unacknowledged"])
+        .into_iter()
+        .find(|row| row[0] == queue)
+        .and_then(|row| row.get(1)?.trim().parse().ok())
 }
 
 /// Acks are coalesced into `multiple` acks (src/acks.rs): the jobs that finished
