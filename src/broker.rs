@@ -213,6 +213,15 @@ fn tls_config(amqp: &AmqpSettings) -> Result<OwnedTLSConfig, BrokerError> {
     })
 }
 
+/// One queue of the worker's topology.
+#[derive(Debug, Clone)]
+pub struct QueueSpec {
+    pub name: String,
+    pub args: FieldTable,
+    /// The configuration key to change when the queue clashes or is missing.
+    pub key: &'static str,
+}
+
 /// The names and arguments of everything the worker uses on the broker.
 #[derive(Debug, Clone)]
 pub struct Topology {
@@ -256,6 +265,40 @@ impl Topology {
     /// Name of the delay queue that holds a job for `delay`.
     pub fn delay_queue(&self, delay: Duration) -> String {
         format!("{}.delay.{}s", self.jobs_queue, delay.as_secs())
+    }
+
+    /// Every queue the worker declares (or checks), with the configuration key that
+    /// names it and the arguments it is declared with: the one list that the
+    /// declaration, the check, the demo, the benchmark and the tests all use.
+    pub fn queues(&self) -> Vec<QueueSpec> {
+        let mut queues = vec![
+            QueueSpec {
+                name: self.jobs_queue.clone(),
+                args: self.jobs_queue_args(),
+                key: "amqp.jobs_queue / amqp.queue_type / amqp.dead_letter_exchange",
+            },
+            QueueSpec {
+                name: self.retry_queue(),
+                args: self.jobs_queue_args(),
+                key: "amqp.queue_type (the retry queue is named after amqp.jobs_queue)",
+            },
+            QueueSpec {
+                name: self.dead_letter_queue.clone(),
+                args: self.dead_letter_queue_args(),
+                key: "amqp.dead_letter_queue / amqp.queue_type",
+            },
+        ];
+        queues.extend(self.delays.iter().map(|d| QueueSpec {
+            name: self.delay_queue(*d),
+            args: self.delay_queue_args(*d),
+            key: "amqp.queue_type (delay queues are named after amqp.jobs_queue)",
+        }));
+        queues
+    }
+
+    /// The names of [`Topology::queues`].
+    pub fn queue_names(&self) -> Vec<String> {
+        self.queues().into_iter().map(|q| q.name).collect()
     }
 
     /// The longest delay queue not longer than `wait`, if any.
@@ -345,32 +388,7 @@ impl Topology {
             format!("exchange `{}`", self.dead_letter_exchange),
             "amqp.dead_letter_exchange",
         )?;
-        let queues = [
-            (
-                self.jobs_queue.clone(),
-                self.jobs_queue_args(),
-                "amqp.jobs_queue / amqp.queue_type / amqp.dead_letter_exchange",
-            ),
-            (
-                self.retry_queue(),
-                self.jobs_queue_args(),
-                "amqp.queue_type (the retry queue is named after amqp.jobs_queue)",
-            ),
-            (
-                self.dead_letter_queue.clone(),
-                self.dead_letter_queue_args(),
-                "amqp.dead_letter_queue / amqp.queue_type",
-            ),
-        ]
-        .into_iter()
-        .chain(self.delays.iter().map(|d| {
-            (
-                self.delay_queue(*d),
-                self.delay_queue_args(*d),
-                "amqp.queue_type (delay queues are named after amqp.jobs_queue)",
-            )
-        }));
-        for (name, args, key) in queues {
+        for QueueSpec { name, args, key } in self.queues() {
             let ch = self.reopen_if_closed(conn, ch.clone(), timeout).await?;
             self.guard(
                 bounded(
@@ -437,17 +455,7 @@ impl Topology {
                 Err(e) => return Err(e),
             }
         }
-        let mut queues = vec![
-            (self.jobs_queue.clone(), "amqp.jobs_queue"),
-            (self.retry_queue(), "amqp.jobs_queue (retry queue)"),
-            (self.dead_letter_queue.clone(), "amqp.dead_letter_queue"),
-        ];
-        queues.extend(
-            self.delays
-                .iter()
-                .map(|d| (self.delay_queue(*d), "amqp.jobs_queue (delay queue)")),
-        );
-        for (name, key) in queues {
+        for QueueSpec { name, key, .. } in self.queues() {
             let ch = bounded(timeout, "channel.open", conn.create_channel()).await?;
             let passive = QueueDeclareOptions {
                 passive: true,

@@ -345,13 +345,8 @@ async fn cleanup(
     settings: &Settings,
     results_queue: &str,
 ) {
-    let mut queues = vec![
-        topology.jobs_queue.clone(),
-        topology.retry_queue(),
-        topology.dead_letter_queue.clone(),
-        results_queue.to_string(),
-    ];
-    queues.extend(topology.delays.iter().map(|d| topology.delay_queue(*d)));
+    let mut queues = topology.queue_names();
+    queues.push(results_queue.to_string());
     for q in queues {
         if let Ok(ch) = conn.create_channel().await {
             let _ = ch

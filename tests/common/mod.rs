@@ -280,13 +280,8 @@ impl TestEnv {
         let a = &self.settings.amqp;
         // Every queue the worker declares, as the worker names them.
         let topology = jelou_worker::broker::Topology::for_settings(&self.settings);
-        let mut queues = vec![
-            topology.jobs_queue.clone(),
-            topology.retry_queue(),
-            topology.dead_letter_queue.clone(),
-            self.results_queue.clone(),
-        ];
-        queues.extend(topology.delays.iter().map(|d| topology.delay_queue(*d)));
+        let mut queues = topology.queue_names();
+        queues.push(self.results_queue.clone());
         // A worker started with other retry settings than `self.settings` may have
         // declared other delay queues: every power of two a test could produce.
         queues.extend((0..13).map(|k| format!("{}.delay.{}s", a.jobs_queue, 1u64 << k)));

@@ -616,18 +616,8 @@ impl Names {
     }
 
     fn queues(&self) -> Vec<String> {
-        let mut queues = vec![
-            self.topology.jobs_queue.clone(),
-            self.topology.retry_queue(),
-            self.topology.dead_letter_queue.clone(),
-            self.collected.clone(),
-        ];
-        queues.extend(
-            self.topology
-                .delays
-                .iter()
-                .map(|d| self.topology.delay_queue(*d)),
-        );
+        let mut queues = self.topology.queue_names();
+        queues.push(self.collected.clone());
         queues
     }
 
