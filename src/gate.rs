@@ -42,6 +42,87 @@ const DEFAULT_429_PAUSE: Duration = Duration::from_secs(1);
 /// Above this many tracked bots, entries whose pause is over are dropped.
 const MAX_TRACKED_BOTS: usize = 10_000;
 
+/// Why an attempt may not start yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WaitReason {
+    /// Jelou answered 429 for this bot: it is paused until its `Retry-After`.
+    BotPause,
+    /// `jelou.rate_limit_per_second` spaces this bot's attempts.
+    BotPace,
+}
+
+impl WaitReason {
+    /// The label of the wait metrics and the `x-jelou-wait-reason` header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaitReason::BotPause => "bot_pause",
+            WaitReason::BotPace => "bot_pace",
+        }
+    }
+}
+
+/// The gate's answer for one attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Start after this wait (at most the bound asked for); the slot is reserved.
+    Now(Duration),
+    /// Not within the bound: nothing is reserved; ask again after `wait`.
+    Later { wait: Duration, reason: WaitReason },
+}
+
+/// One bot's pacing and pause.
+#[derive(Debug, Clone, Copy)]
+struct BotState {
+    /// The next attempt's slot under `jelou.rate_limit_per_second`.
+    free_at: Instant,
+    /// A 429 pauses the bot until here.
+    paused_until: Instant,
+    /// Where the last job sent away to wait for a pacing slot was told to come back:
+    /// the next one comes back a spacing later, so that they return one by one
+    /// instead of all at once.
+    horizon: Instant,
+}
+
+impl BotState {
+    fn new(now: Instant) -> Self {
+        Self {
+            free_at: now,
+            paused_until: now,
+            horizon: now,
+        }
+    }
+
+    fn busy_after(&self, now: Instant) -> bool {
+        self.free_at.max(self.paused_until).max(self.horizon) > now
+    }
+}
+
+/// The admission decision for one attempt of a bot, pure (see [`Gate::reserve`]).
+fn plan_admission(
+    state: &mut BotState,
+    now: Instant,
+    spacing: Duration,
+    bound: Duration,
+) -> Admission {
+    if state.paused_until > now + bound {
+        return Admission::Later {
+            wait: state.paused_until - now,
+            reason: WaitReason::BotPause,
+        };
+    }
+    let start = state.free_at.max(state.paused_until).max(now);
+    if start - now > bound {
+        let back_at = state.horizon.max(start);
+        state.horizon = back_at + spacing;
+        return Admission::Later {
+            wait: back_at - now,
+            reason: WaitReason::BotPace,
+        };
+    }
+    state.free_at = start + spacing;
+    Admission::Now(start - now)
+}
+
 pub struct Gate {
     spacing: Option<Duration>,
     /// The longest a 429 may pause a bot: `retry.max_elapsed_ms`, since no job would
@@ -49,7 +130,7 @@ pub struct Gate {
     max_pause: Duration,
     threshold: u32,
     consecutive_outages: AtomicU32,
-    bots: Mutex<HashMap<String, Instant>>,
+    bots: Mutex<HashMap<String, BotState>>,
     circuit: watch::Sender<Circuit>,
     /// A bot recently sent to, for the prober's request.
     last_bot: Mutex<Option<String>>,
@@ -76,26 +157,31 @@ impl Gate {
         *self.circuit.borrow()
     }
 
-    /// Waits until an attempt for `bot` may start. Cancel-safe: callers race it
-    /// against shutdown and deadlines.
-    pub async fn admit(&self, bot: &str) {
+    /// Waits until the circuit is closed. Cancel-safe.
+    pub async fn circuit_closed(&self) {
         let mut rx = self.circuit.subscribe();
         let _ = rx.wait_for(|c| *c == Circuit::Closed).await;
-        let wait = {
+    }
+
+    /// When may an attempt for `bot` start? A wait of at most `bound` is reserved
+    /// (the caller sleeps it out); a longer one is not, and the caller should let the
+    /// job wait on the broker (holding no slot another bot needs), then ask again.
+    pub fn reserve(&self, bot: &str, bound: Duration) -> Admission {
+        let admission = {
             let mut bots = self.bots.lock().expect("not poisoned");
             let now = Instant::now();
             if bots.len() > MAX_TRACKED_BOTS {
-                bots.retain(|_, free_at| *free_at > now);
+                bots.retain(|_, b| b.busy_after(now));
             }
-            let free_at = bots.entry(bot.to_string()).or_insert(now);
-            let start = (*free_at).max(now);
-            *free_at = start + self.spacing.unwrap_or_default();
-            start - now
+            let state = bots
+                .entry(bot.to_string())
+                .or_insert_with(|| BotState::new(now));
+            plan_admission(state, now, self.spacing.unwrap_or_default(), bound)
         };
-        if !wait.is_zero() {
+        if !matches!(admission, Admission::Now(Duration::ZERO)) {
             self.metrics.rate_limited_waits.inc();
-            tokio::time::sleep(wait).await;
         }
+        admission
     }
 
     /// Learns from an attempt's outcome.
@@ -114,9 +200,11 @@ impl Gate {
                 .unwrap_or(DEFAULT_429_PAUSE)
                 .min(self.max_pause);
             let mut bots = self.bots.lock().expect("not poisoned");
-            let until = Instant::now() + pause;
-            let free_at = bots.entry(bot.to_string()).or_insert(until);
-            *free_at = (*free_at).max(until);
+            let now = Instant::now();
+            let state = bots
+                .entry(bot.to_string())
+                .or_insert_with(|| BotState::new(now));
+            state.paused_until = state.paused_until.max(now + pause);
             tracing::warn!(
                 bot_id = bot,
                 pause_ms = pause.as_millis() as u64,
@@ -297,38 +385,63 @@ mod tests {
         assert_eq!(off.circuit(), Circuit::Closed);
     }
 
+    const BOUND: Duration = Duration::from_secs(1);
+
     #[tokio::test(start_paused = true)]
     async fn rate_limit_spaces_attempts_per_bot() {
         let g = gate(0, 10.0);
-        let start = Instant::now();
-        for _ in 0..5 {
-            g.admit("a").await;
+        let waits: Vec<_> = (0..5).map(|_| g.reserve("a", BOUND)).collect();
+        let ms = |n| Admission::Now(Duration::from_millis(n));
+        assert_eq!(waits, [ms(0), ms(100), ms(200), ms(300), ms(400)]);
+        assert_eq!(g.reserve("b", BOUND), ms(0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pacing_beyond_the_bound_sends_jobs_away_one_spacing_apart() {
+        let g = gate(0, 2.0);
+        // 2/s with a 1 s bound: three slots within reach (0, 0.5, 1.0 s)...
+        for _ in 0..3 {
+            assert!(matches!(g.reserve("a", BOUND), Admission::Now(_)));
         }
-        assert_eq!(start.elapsed(), Duration::from_millis(400));
-        let other = Instant::now();
-        g.admit("b").await;
-        assert_eq!(other.elapsed(), Duration::ZERO);
+        // ...the rest come back one by one, from the first free slot on.
+        let later: Vec<_> = (0..3).map(|_| g.reserve("a", BOUND)).collect();
+        let back = |ms| Admission::Later {
+            wait: Duration::from_millis(ms),
+            reason: WaitReason::BotPace,
+        };
+        assert_eq!(later, [back(1500), back(2000), back(2500)]);
+        // Coming back at its time, the first is admitted at once.
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert_eq!(g.reserve("a", BOUND), Admission::Now(Duration::ZERO));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_429_pauses_the_whole_bot_for_its_retry_after() {
         let g = gate(0, 0.0);
         g.report("a", &status(429, Some(Duration::from_secs(7))));
-        let start = Instant::now();
-        g.admit("a").await;
-        assert_eq!(start.elapsed(), Duration::from_secs(7));
-        let start = Instant::now();
-        g.admit("b").await;
-        assert_eq!(start.elapsed(), Duration::ZERO);
+        assert_eq!(
+            g.reserve("a", BOUND),
+            Admission::Later {
+                wait: Duration::from_secs(7),
+                reason: WaitReason::BotPause
+            }
+        );
+        assert_eq!(g.reserve("b", BOUND), Admission::Now(Duration::ZERO));
+        // Within the bound, the rest of a pause is slept out.
+        tokio::time::advance(Duration::from_millis(6500)).await;
+        assert_eq!(
+            g.reserve("a", BOUND),
+            Admission::Now(Duration::from_millis(500))
+        );
     }
 
     #[tokio::test(start_paused = true)]
-    async fn admit_waits_while_the_circuit_is_open() {
+    async fn circuit_closed_waits_while_the_circuit_is_open() {
         let g = Arc::new(gate(1, 0.0));
         g.report("a", &status(503, None));
         let waiting = tokio::spawn({
             let g = g.clone();
-            async move { g.admit("a").await }
+            async move { g.circuit_closed().await }
         });
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(!waiting.is_finished());

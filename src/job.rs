@@ -30,6 +30,13 @@ pub mod header {
     pub const LAST_CODE: &str = "x-jelou-last-code";
     /// On a job in a classic queue: deliveries that ended without a result.
     pub const DELIVERIES: &str = "x-jelou-deliveries";
+    /// Why a copy waits on the broker (`retry`, `bot_pause`, `bot_pace`, `user_pace`).
+    pub const WAIT_REASON: &str = "x-jelou-wait-reason";
+    /// The order of a job among its user's jobs (order on): stamped by the router,
+    /// microseconds, increasing in the order jobs left the jobs queue.
+    pub const SEQ: &str = "x-jelou-seq";
+    /// Marks the ownership token of a router or partition queue (order on).
+    pub const TOKEN: &str = "x-jelou-token";
     /// Set by quorum queues on redelivered messages.
     pub const QUORUM_DELIVERY_COUNT: &str = "x-delivery-count";
     /// On a dead-lettered job: the failure kind, message and time, for `dlq list`.

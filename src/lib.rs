@@ -12,9 +12,9 @@
 //! | [`result`] | the result message (pure) |
 //! | [`jelou`] | the HTTP client |
 //! | [`gate`] | circuit breaker, per-bot rate limit and 429 pauses |
-//! | [`broker`] | connecting, topology, confirmed publishing |
-//! | [`pipeline`] | one delivery, from the broker's hand to its ack |
-//! | [`acks`] | acks coalesced into `multiple` acks, never past an unfinished job |
+//! | [`broker`] | connecting, topology, confirmed publishing, coalesced acks |
+//! | [`pipeline`] | one delivery, from the broker's hand to its ack: decide, send, publish |
+//! | [`order`] | per-user order across the fleet: router, partitions, lanes |
 //! | [`worker`] | the supervisor and the consuming session (`run`) |
 //! | [`server`] | `/metrics`, `/healthz`, `/readyz` |
 //! | [`metrics`] | the Prometheus metrics |
@@ -22,7 +22,6 @@
 //! | [`logging`] | JSON or text logs |
 //! | [`stand_in`] | a stand-in Jelou on loopback, for the demo, tests and benchmark |
 
-pub mod acks;
 pub mod broker;
 pub mod cli;
 pub mod config;
@@ -31,8 +30,9 @@ pub mod jelou;
 pub mod job;
 pub mod logging;
 pub mod metrics;
+pub(crate) mod order;
 pub mod outcome;
-pub mod pipeline;
+pub(crate) mod pipeline;
 pub mod result;
 pub mod retry;
 pub mod server;

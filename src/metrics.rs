@@ -58,6 +58,7 @@ pub struct Metrics {
     pub circuit_state: Gauge,
     pub rate_limited_waits: Counter,
     pub jobs_handed_back: Counter,
+    pub order: OrderMetrics,
     current_node: std::sync::Mutex<Option<String>>,
 }
 
@@ -161,8 +162,10 @@ impl Metrics {
             "Jobs handed back to the queue unfinished (shutdown)",
             jobs_handed_back.clone(),
         );
+        let order = OrderMetrics::register(&mut registry);
         Self {
             registry,
+            order,
             jobs_finished,
             http_attempts,
             request_duration,
@@ -219,6 +222,70 @@ impl Metrics {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WaitLabels {
+    /// Why a job waits: `user_order` (behind an earlier job of its user),
+    /// `bot_pause` (a 429), `bot_pace` (`jelou.rate_limit_per_second`), `user_pace`
+    /// (`order.user_min_interval_ms`) or `retry` (its next attempt).
+    pub reason: &'static str,
+}
+
+/// What waits and why, and the partitions of the work this worker owns (order on).
+pub struct OrderMetrics {
+    /// Jobs this worker holds that wait now, by reason (order on: the jobs of the
+    /// partitions it owns; parked jobs of an unordered worker wait on the broker).
+    pub waiting: Family<WaitLabels, Gauge>,
+    pub waits: Family<WaitLabels, Counter>,
+    pub partitions_owned: Gauge,
+    pub router_active: Gauge,
+}
+
+impl OrderMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            waiting: Family::default(),
+            waits: Family::default(),
+            partitions_owned: Gauge::default(),
+            router_active: Gauge::default(),
+        };
+        registry.register(
+            "order_waiting",
+            "Jobs held by this worker that wait now, by reason",
+            m.waiting.clone(),
+        );
+        registry.register(
+            "order_waits",
+            "Times a job had to wait before its attempt, by reason",
+            m.waits.clone(),
+        );
+        registry.register(
+            "order_partitions_owned",
+            "Partitions of the ordered work this worker owns now",
+            m.partitions_owned.clone(),
+        );
+        registry.register(
+            "order_router_active",
+            "1 while this worker routes the jobs queue into the partitions",
+            m.router_active.clone(),
+        );
+        m
+    }
+
+    /// Counts one wait.
+    pub fn waited(&self, reason: &'static str) {
+        self.waits.get_or_create(&WaitLabels { reason }).inc();
+    }
+
+    /// Adds `delta` to the jobs waiting now for `reason`.
+    pub fn waiting_add(&self, reason: &'static str, delta: i64) {
+        if delta != 0 {
+            self.waiting
+                .get_or_create(&WaitLabels { reason })
+                .inc_by(delta);
+        }
     }
 }
 

@@ -20,6 +20,9 @@ use lapin::{
 
 use crate::config::{AmqpSettings, QueueType, redact_url};
 
+pub(crate) mod acks;
+pub(crate) mod consume;
+
 /// What went wrong with the broker.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -232,6 +235,9 @@ pub struct Topology {
     pub dead_letter_queue: String,
     /// Delay queues, shortest first: `<jobs_queue>.delay.<secs>s`.
     pub delays: Vec<Duration>,
+    /// With order on (`order.enabled`), the number of partitions (`order.partitions`);
+    /// 0 with order off.
+    pub partitions: u16,
 }
 
 impl Topology {
@@ -243,6 +249,7 @@ impl Topology {
             dead_letter_exchange: amqp.dead_letter_exchange.clone(),
             dead_letter_queue: amqp.dead_letter_queue.clone(),
             delays,
+            partitions: 0,
         }
     }
 
@@ -252,7 +259,41 @@ impl Topology {
             Duration::from_millis(settings.retry.park_threshold_ms),
             Duration::from_millis(settings.retry.max_elapsed_ms),
         );
-        Self::new(&settings.amqp, delays)
+        let mut topology = Self::new(&settings.amqp, delays);
+        if settings.order.enabled {
+            topology.partitions = settings.order.partitions;
+        }
+        topology
+    }
+
+    /// `<jobs_queue>.order.<p>`: the jobs of partition `p`, in the order the router
+    /// took them from the jobs queue.
+    pub fn partition_queue(&self, p: u16) -> String {
+        format!("{}.order.{p}", self.jobs_queue)
+    }
+
+    /// `<jobs_queue>.order.<p>.wait`: partition `p`'s jobs that wait (a retry, a
+    /// paused or paced bot or user, a user's later jobs), and its ownership token.
+    pub fn wait_queue(&self, p: u16) -> String {
+        format!("{}.order.{p}.wait", self.jobs_queue)
+    }
+
+    /// `<jobs_queue>.order.router`: holds the router's token.
+    pub fn router_queue(&self) -> String {
+        format!("{}.order.router", self.jobs_queue)
+    }
+
+    /// `<jobs_queue>.order.members`: every worker of the fleet consumes it (it holds
+    /// no messages), so its consumer count is the fleet's size.
+    pub fn members_queue(&self) -> String {
+        format!("{}.order.members", self.jobs_queue)
+    }
+
+    /// The ordered-work queues: one consumer at a time each.
+    fn ordered_queue_args(&self) -> FieldTable {
+        let mut t = FieldTable::default();
+        t.insert("x-queue-type".into(), long_string(self.queue_type.as_str()));
+        consume::single_active_consumer(t)
     }
 
     /// `<jobs_queue>.retry`: where jobs come back for their next attempt (from a
@@ -293,6 +334,36 @@ impl Topology {
             args: self.delay_queue_args(*d),
             key: "amqp.queue_type (delay queues are named after amqp.jobs_queue)",
         }));
+        queues.extend(self.ordered_queues());
+        queues
+    }
+
+    /// With order on: the router's, each partition's and its wait queue, and the
+    /// members queue (classic: it never holds a message).
+    fn ordered_queues(&self) -> Vec<QueueSpec> {
+        if self.partitions == 0 {
+            return Vec::new();
+        }
+        let key = "order.partitions / amqp.queue_type (the ordered-work queues are named after amqp.jobs_queue)";
+        let spec = |name| QueueSpec {
+            name,
+            args: self.ordered_queue_args(),
+            key,
+        };
+        let mut members = FieldTable::default();
+        members.insert("x-queue-type".into(), long_string("classic"));
+        let mut queues = vec![
+            spec(self.router_queue()),
+            QueueSpec {
+                name: self.members_queue(),
+                args: members,
+                key,
+            },
+        ];
+        for p in 0..self.partitions {
+            queues.push(spec(self.partition_queue(p)));
+            queues.push(spec(self.wait_queue(p)));
+        }
         queues
     }
 
