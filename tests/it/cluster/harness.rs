@@ -8,7 +8,7 @@
 //! node when theirs fails; the tests point them at a node they do not fail, so that
 //! what is measured is the worker's failover, not theirs.
 
-use crate::common::http_get;
+use crate::utils::http_get;
 use std::{
     collections::{HashMap, HashSet},
     hash::{Hash, Hasher},
@@ -133,7 +133,7 @@ impl Cluster {
             panic!(
                 "the cluster tests need {ENABLE}=1 and a running 3-node cluster: \
                  run scripts/ci-cluster.sh, or scripts/cluster.sh start and then \
-                 {ENABLE}=1 cargo test --test cluster -- --ignored --test-threads=1"
+                 {ENABLE}=1 cargo test --test it -- --ignored --test-threads=1 cluster::"
             );
         }
         let cluster = Cluster {

@@ -2,11 +2,9 @@
 //! list/replay` on real dead letters, `check` with good and broken configurations,
 //! and `enqueue`.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::utils::*;
 use jelou_worker::stand_in::Reply;
 use serde_json::json;
 
@@ -125,7 +123,6 @@ async fn metrics_and_health_follow_the_work() {
     assert_eq!(first["attempts"], 1);
     assert!(first["duration_ms"].is_u64());
     assert!(!log.contains("Hello"), "a message body reached the log");
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,7 +289,6 @@ async fn dlq_list_and_replay_move_real_dead_letters() {
         2,
         "nothing lost mid-move"
     );
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -350,7 +346,6 @@ async fn check_passes_a_good_configuration_and_names_each_problem() {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("retry.max_attempts"), "{stderr}");
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -411,5 +406,4 @@ async fn enqueue_publishes_from_flags_and_json_lines() {
     );
     assert_eq!(results["e-flag"]["botId"], "B1");
     worker.stop().await.unwrap();
-    env.cleanup().await;
 }
