@@ -45,12 +45,8 @@ impl Names {
         let prefix = format!("bench.{tag}.{run}");
         let settings = Settings {
             amqp: AmqpSettings {
-                jobs_queue: format!("{prefix}.jobs"),
-                result_exchange: format!("{prefix}.results"),
-                dead_letter_exchange: format!("{prefix}.dead"),
-                dead_letter_queue: format!("{prefix}.jobs.dead"),
                 prefetch,
-                ..amqp.clone()
+                ..amqp.namespaced(&prefix)
             },
             ..Settings::default()
         };

@@ -336,11 +336,12 @@ impl Names {
     pub fn new(test: &str) -> Self {
         let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
         let prefix = format!("cluster.{test}.{id}");
+        let amqp = jelou_worker::config::AmqpSettings::default().namespaced(&prefix);
         Names {
-            jobs_queue: format!("{prefix}.jobs"),
-            result_exchange: format!("{prefix}.results"),
-            dead_letter_exchange: format!("{prefix}.dead"),
-            dead_letter_queue: format!("{prefix}.jobs.dead"),
+            jobs_queue: amqp.jobs_queue,
+            result_exchange: amqp.result_exchange,
+            dead_letter_exchange: amqp.dead_letter_exchange,
+            dead_letter_queue: amqp.dead_letter_queue,
             results_queue: format!("{prefix}.collected"),
             prefix,
         }

@@ -41,12 +41,9 @@ impl TestEnv {
         let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
         let name = format!("test.{test}.{id}");
         let mut settings = Settings::default();
+        settings.amqp = settings.amqp.namespaced(&name);
         settings.amqp.url = AmqpUrls::parse(&broker_url()).unwrap();
-        settings.amqp.jobs_queue = format!("{name}.jobs");
         settings.amqp.queue_type = queue_type;
-        settings.amqp.result_exchange = format!("{name}.results");
-        settings.amqp.dead_letter_exchange = format!("{name}.dead");
-        settings.amqp.dead_letter_queue = format!("{name}.jobs.dead");
         settings.amqp.prefetch = 32;
         settings.amqp.operation_timeout_ms = 5_000;
         settings.jelou.base_url = jelou.base_url();
