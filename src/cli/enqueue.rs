@@ -18,6 +18,7 @@ use lapin::{BasicProperties, types::ShortString};
 
 use crate::{
     broker::{self, Published, Publisher, Topology},
+    cli::UsageError,
     config::Settings,
     job::parse_job,
 };
@@ -53,9 +54,11 @@ pub async fn run(settings: &Settings, source: Source) -> anyhow::Result<(usize, 
     let mut refused = 0usize;
     let lines = read_lines(&settings.amqp.max_job_bytes, source, &mut refused)?;
     if lines.is_empty() && refused == 0 {
-        anyhow::bail!(
+        return Err(UsageError(
             "no job given: pass --bot/--user/--text, or JSON lines with --file (or on stdin)"
-        );
+                .into(),
+        )
+        .into());
     }
     let amqp = &settings.amqp;
     let timeout = amqp.operation_timeout();
