@@ -186,13 +186,13 @@ fn read_lines(max_bytes: &usize, source: Source, refused: &mut usize) -> anyhow:
 }
 
 /// A progress bar on a terminal, a plain line every 10 % otherwise.
-pub struct Progress {
+pub(crate) struct Progress {
     bar: Option<indicatif::ProgressBar>,
     total: usize,
 }
 
 impl Progress {
-    pub fn new(total: usize) -> Self {
+    pub(crate) fn new(total: usize) -> Self {
         let bar = (total > 1 && std::io::stderr().is_terminal()).then(|| {
             let bar = indicatif::ProgressBar::new(total as u64);
             bar.set_style(
@@ -204,7 +204,7 @@ impl Progress {
         Self { bar, total }
     }
 
-    pub fn tick(&self, done: usize) {
+    pub(crate) fn tick(&self, done: usize) {
         match &self.bar {
             Some(bar) => bar.set_position(done as u64),
             None if self.total >= 1000 && done.is_multiple_of(self.total / 10) => {
@@ -214,7 +214,7 @@ impl Progress {
         }
     }
 
-    pub fn finish(&self) {
+    pub(crate) fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
