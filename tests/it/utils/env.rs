@@ -40,28 +40,29 @@ impl TestEnv {
         let jelou = StandIn::start().await.unwrap();
         let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
         let name = format!("test.{test}.{id}");
-        let mut settings = Settings::default();
-        settings.amqp = settings.amqp.namespaced(&name);
-        settings.amqp.url = AmqpUrls::parse(&broker_url()).unwrap();
-        settings.amqp.queue_type = queue_type;
-        settings.amqp.prefetch = 32;
-        settings.amqp.operation_timeout_ms = 5_000;
-        settings.jelou.base_url = jelou.base_url();
-        settings.jelou.client_id = Some(CLIENT_ID.into());
-        settings.jelou.client_secret = Some(CLIENT_SECRET.into());
-        settings.jelou.request_timeout_ms = 2_000;
-        settings.retry.initial_interval_ms = 20;
-        settings.retry.max_interval_ms = 200;
-        settings.retry.max_attempts = 4;
-        settings.retry.max_elapsed_ms = 30_000;
-        settings.retry.park_threshold_ms = 5_000;
-        settings.server.listen = "127.0.0.1:0".parse().unwrap();
-        settings.shutdown.grace_period_ms = 5_000;
-        // The results queue exists before the worker so no result is unroutable.
-        let results_queue = format!("{name}.collected");
-        channel
+        let settings = test_settings(&name, queue_type, &jelou);
+        let env = Self {
+            results_queue: format!("{name}.collected"),
+            name,
+            settings,
+            jelou,
+            conn,
+            channel,
+            extra_queues: vec![],
+        };
+        // Declared once `env` exists, so that its `Drop` removes them even if this fails.
+        env.collect_results().await;
+        env
+    }
+
+    /// Declares the results queue, bound to the result exchange with `#`: it exists
+    /// before the worker, so no result is unroutable.
+    async fn collect_results(&self) {
+        let exchange = self.settings.amqp.result_exchange.as_str();
+        let queue = self.results_queue.as_str();
+        self.channel
             .exchange_declare(
-                settings.amqp.result_exchange.as_str().into(),
+                exchange.into(),
                 ExchangeKind::Topic,
                 ExchangeDeclareOptions {
                     durable: true,
@@ -71,33 +72,24 @@ impl TestEnv {
             )
             .await
             .unwrap();
-        channel
+        self.channel
             .queue_declare(
-                results_queue.as_str().into(),
+                queue.into(),
                 QueueDeclareOptions::default(),
                 FieldTable::default(),
             )
             .await
             .unwrap();
-        channel
+        self.channel
             .queue_bind(
-                results_queue.as_str().into(),
-                settings.amqp.result_exchange.as_str().into(),
+                queue.into(),
+                exchange.into(),
                 "#".into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
             .await
             .unwrap();
-        Self {
-            name,
-            settings,
-            jelou,
-            conn,
-            channel,
-            results_queue,
-            extra_queues: vec![],
-        }
     }
 
     /// Declares the worker's topology (as the worker would) so jobs can be published
@@ -239,6 +231,29 @@ impl TestEnv {
         let _ = ch.close(200, "done".into()).await;
         q.message_count()
     }
+}
+
+/// A worker's settings for a test: its own names under `name`, the stand-in Jelou,
+/// small timeouts and short retries.
+fn test_settings(name: &str, queue_type: QueueType, jelou: &StandIn) -> Settings {
+    let mut settings = Settings::default();
+    settings.amqp = settings.amqp.namespaced(name);
+    settings.amqp.url = AmqpUrls::parse(&broker_url()).unwrap();
+    settings.amqp.queue_type = queue_type;
+    settings.amqp.prefetch = 32;
+    settings.amqp.operation_timeout_ms = 5_000;
+    settings.jelou.base_url = jelou.base_url();
+    settings.jelou.client_id = Some(CLIENT_ID.into());
+    settings.jelou.client_secret = Some(CLIENT_SECRET.into());
+    settings.jelou.request_timeout_ms = 2_000;
+    settings.retry.initial_interval_ms = 20;
+    settings.retry.max_interval_ms = 200;
+    settings.retry.max_attempts = 4;
+    settings.retry.max_elapsed_ms = 30_000;
+    settings.retry.park_threshold_ms = 5_000;
+    settings.server.listen = "127.0.0.1:0".parse().unwrap();
+    settings.shutdown.grace_period_ms = 5_000;
+    settings
 }
 
 /// Deletes everything the test declared, whether it passed or panicked. `Drop`
