@@ -127,7 +127,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         // The demo talks to a person: readable output, only problems logged.
-        Command::Demo => logging::init(jelou_worker::config::LogFormat::Text, "error,lapin=off"),
+        Command::Demo => logging::init(LogFormat::Text, "error,lapin=off"),
         _ => logging::init(settings.log.format, &settings.log.level),
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
