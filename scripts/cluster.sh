@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A throwaway 3-node RabbitMQ cluster on this machine, for the failover tests
-# (tests/cluster/, run by scripts/ci-cluster.sh) and for trying the worker against a
+# (tests/it/cluster/, run by scripts/ci-cluster.sh) and for trying the worker against a
 # cluster by hand.
 #
 #   scripts/cluster.sh start      fresh cluster c1..c3@localhost (a leftover one is stopped first)

@@ -793,3 +793,40 @@ mod tests {
         assert!(e.to_string().contains("jelou.client_secret"), "{e}");
     }
 }
+
+/// The one way to give a run names of its own (the tests, the demo, the bench).
+impl AmqpSettings {
+    /// These settings with every queue and exchange the worker declares named under
+    /// `prefix`: `{prefix}.jobs` (and after it the retry and delay queues),
+    /// `{prefix}.results`, `{prefix}.dead` and `{prefix}.jobs.dead`, so that a run
+    /// never touches real traffic on the same broker.
+    pub fn namespaced(&self, prefix: &str) -> AmqpSettings {
+        AmqpSettings {
+            jobs_queue: format!("{prefix}.jobs"),
+            result_exchange: format!("{prefix}.results"),
+            dead_letter_exchange: format!("{prefix}.dead"),
+            dead_letter_queue: format!("{prefix}.jobs.dead"),
+            ..self.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod namespaced_tests {
+    use super::AmqpSettings;
+
+    #[test]
+    fn namespaced_renames_every_queue_and_exchange_and_keeps_the_rest() {
+        let base = AmqpSettings {
+            prefetch: 7,
+            ..AmqpSettings::default()
+        };
+        let a = base.namespaced("t.x");
+        assert_eq!(a.jobs_queue, "t.x.jobs");
+        assert_eq!(a.result_exchange, "t.x.results");
+        assert_eq!(a.dead_letter_exchange, "t.x.dead");
+        assert_eq!(a.dead_letter_queue, "t.x.jobs.dead");
+        assert_eq!(a.prefetch, 7);
+        assert_eq!(a.success_routing_key, base.success_routing_key);
+    }
+}

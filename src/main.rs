@@ -4,7 +4,11 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use jelou_worker::{cli, config::Settings, logging, worker};
+use jelou_worker::{
+    cli::{self, UsageError},
+    config::{LogFormat, Settings},
+    logging, worker,
+};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -97,19 +101,33 @@ enum DlqAction {
     },
 }
 
+/// How a command reports a failure: the daemons (`run`, `stand-in`) in the configured
+/// log format, the commands a person runs as one plain line (see [`cli`]).
+#[derive(Clone, Copy, PartialEq)]
+enum Reporting {
+    Logged,
+    Plain,
+}
+
+impl Command {
+    fn reporting(&self) -> Reporting {
+        match self {
+            Command::Run | Command::StandIn { .. } => Reporting::Logged,
+            _ => Reporting::Plain,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let reporting = cli.command.reporting();
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,
-        Err(e) => {
-            let format = Settings::peek_log_format(cli.config.as_deref());
-            eprintln!("{}", logging::fatal_line(format, &e.to_string()));
-            return ExitCode::from(2);
-        }
+        Err(e) => return configuration_failed(cli.config.as_deref(), reporting, &e),
     };
     match cli.command {
         // The demo talks to a person: readable output, only problems logged.
-        Command::Demo => logging::init(jelou_worker::config::LogFormat::Text, "error,lapin=off"),
+        Command::Demo => logging::init(LogFormat::Text, "error,lapin=off"),
         _ => logging::init(settings.log.format, &settings.log.level),
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -117,31 +135,54 @@ fn main() -> ExitCode {
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => {
+        Err(e) if reporting == Reporting::Logged => {
             tracing::error!(error = %e, "cannot start the async runtime");
             return ExitCode::FAILURE;
         }
-    };
-    let result = runtime.block_on(dispatch(cli.command, settings));
-    match result {
-        Ok(code) => code,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "failed");
+            return failed(
+                reporting,
+                &anyhow::Error::new(e).context("cannot start the async runtime"),
+            );
+        }
+    };
+    match runtime.block_on(dispatch(cli.command, settings)) {
+        Ok(code) => code,
+        Err(e) => failed(reporting, &e),
+    }
+}
+
+/// A configuration that cannot be used: one line naming the key, exit status 2.
+fn configuration_failed(
+    config: Option<&std::path::Path>,
+    reporting: Reporting,
+    error: &jelou_worker::config::ConfigError,
+) -> ExitCode {
+    let format = match reporting {
+        Reporting::Logged => Settings::peek_log_format(config),
+        Reporting::Plain => LogFormat::Text,
+    };
+    eprintln!("{}", logging::fatal_line(format, &error.to_string()));
+    ExitCode::from(2)
+}
+
+/// Reports a command's failure; its exit status.
+fn failed(reporting: Reporting, error: &anyhow::Error) -> ExitCode {
+    match reporting {
+        Reporting::Logged => {
+            tracing::error!(error = format!("{error:#}"), "failed");
             ExitCode::FAILURE
+        }
+        Reporting::Plain => {
+            eprintln!("{}", cli::error_line(error));
+            ExitCode::from(cli::exit_status(error))
         }
     }
 }
 
 async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run => {
-            let shutdown = CancellationToken::new();
-            tokio::spawn(watch_signals(shutdown.clone()));
-            // On a runtime thread, not this one: the jobs the session spawns then start
-            // on the thread that received them, instead of waking another.
-            tokio::spawn(worker::run(settings, shutdown)).await??;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Run => run(settings).await,
         Command::Enqueue {
             bot,
             user,
@@ -158,31 +199,12 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
                 },
                 _ => cli::enqueue::Source::Lines(file.unwrap_or_else(|| "-".into())),
             };
-            let (published, refused) = cli::enqueue::run(&settings, source).await?;
-            if refused > 0 {
-                eprintln!("{published} published, {refused} refused");
-                return Ok(ExitCode::FAILURE);
-            }
-            Ok(ExitCode::SUCCESS)
+            enqueue(&settings, source).await
         }
-        Command::Demo => Ok(if cli::demo::run(settings).await? {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        }),
+        Command::Demo => Ok(success_if(cli::demo::run(settings).await?)),
         Command::Dlq {
             action: DlqAction::List { limit, json },
-        } => {
-            let (letters, total) = cli::dlq::list(&settings, limit).await?;
-            if json {
-                for l in &letters {
-                    println!("{}", serde_json::to_string(l)?);
-                }
-            } else {
-                cli::dlq::print_table(&letters, total);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        } => dlq_list(&settings, limit, json).await,
         Command::Dlq {
             action:
                 DlqAction::Replay {
@@ -191,54 +213,105 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
                     job_id,
                     limit,
                 },
-        } => {
-            for k in &kind {
-                if jelou_worker::outcome::ErrorKind::parse(k).is_none() {
-                    anyhow::bail!(
-                        "--kind {k}: not a failure kind (invalid_job, rejected, retries_exhausted, expired, delivery_limit)"
-                    );
-                }
-            }
-            if !all && kind.is_empty() && job_id.is_empty() {
-                anyhow::bail!("say what to replay: --all, or --kind KIND / --job-id ID");
-            }
-            let filter = cli::dlq::Filter {
-                kinds: kind,
-                job_ids: job_id,
-            };
-            let done = cli::dlq::replay(&settings, &filter, limit).await?;
-            eprintln!(
-                "replayed {}, left {} in the dead-letter queue that did not match",
-                done.moved.len(),
-                done.kept
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        } => dlq_replay(&settings, all, kind, job_id, limit).await,
         Command::Check { bot } => {
             let findings = cli::check::run(&settings, &bot).await;
-            Ok(if cli::check::print(&findings) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            Ok(success_if(cli::check::print(&findings)))
         }
-        Command::StandIn { listen, latency_ms } => {
-            let stand_in = jelou_worker::stand_in::StandIn::start_on(listen, false).await?;
-            let latency = std::time::Duration::from_millis(latency_ms);
-            stand_in.always(jelou_worker::stand_in::Reply::Success.after(latency));
-            tracing::info!(listen = %stand_in.addr(), "stand-in Jelou answering success to every message");
-            let shutdown = CancellationToken::new();
-            tokio::spawn(watch_signals(shutdown.clone()));
-            shutdown.cancelled().await;
-            Ok(ExitCode::SUCCESS)
+        Command::StandIn { listen, latency_ms } => stand_in(listen, latency_ms).await,
+        Command::ProbeHttp { url } => Ok(probe_http(&url).await),
+    }
+}
+
+/// Exit status 0 when `ok`, else 1.
+fn success_if(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// The daemon, until SIGTERM/SIGINT.
+async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone()));
+    // On a runtime thread, not this one: the jobs the session spawns then start
+    // on the thread that received them, instead of waking another.
+    tokio::spawn(worker::run(settings, shutdown)).await??;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn enqueue(settings: &Settings, source: cli::enqueue::Source) -> anyhow::Result<ExitCode> {
+    let (published, refused) = cli::enqueue::run(settings, source).await?;
+    if refused > 0 {
+        eprintln!("{published} published, {refused} refused");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn dlq_list(settings: &Settings, limit: usize, json: bool) -> anyhow::Result<ExitCode> {
+    let (letters, total) = cli::dlq::list(settings, limit).await?;
+    if json {
+        for l in &letters {
+            println!("{}", serde_json::to_string(l)?);
         }
-        Command::ProbeHttp { url } => match cli::probe::run(&url).await {
-            Ok(()) => Ok(ExitCode::SUCCESS),
-            Err(e) => {
-                eprintln!("{e:#}");
-                Ok(ExitCode::FAILURE)
-            }
-        },
+    } else {
+        cli::dlq::print_table(&letters, total);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn dlq_replay(
+    settings: &Settings,
+    all: bool,
+    kinds: Vec<String>,
+    job_ids: Vec<String>,
+    limit: Option<usize>,
+) -> anyhow::Result<ExitCode> {
+    for k in &kinds {
+        if jelou_worker::outcome::ErrorKind::parse(k).is_none() {
+            return Err(UsageError(format!(
+                "--kind {k}: not a failure kind (invalid_job, rejected, retries_exhausted, expired, delivery_limit)"
+            ))
+            .into());
+        }
+    }
+    if !all && kinds.is_empty() && job_ids.is_empty() {
+        return Err(
+            UsageError("say what to replay: --all, or --kind KIND / --job-id ID".into()).into(),
+        );
+    }
+    let filter = cli::dlq::Filter { kinds, job_ids };
+    let done = cli::dlq::replay(settings, &filter, limit).await?;
+    eprintln!(
+        "replayed {}, left {} in the dead-letter queue that did not match",
+        done.moved.len(),
+        done.kept
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A stand-in Jelou answering success, until SIGTERM/SIGINT.
+async fn stand_in(listen: std::net::SocketAddr, latency_ms: u64) -> anyhow::Result<ExitCode> {
+    let stand_in = jelou_worker::stand_in::StandIn::start_on(listen, false).await?;
+    let latency = std::time::Duration::from_millis(latency_ms);
+    stand_in.always(jelou_worker::stand_in::Reply::Success.after(latency));
+    tracing::info!(listen = %stand_in.addr(), "stand-in Jelou answering success to every message");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone()));
+    shutdown.cancelled().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn probe_http(url: &str) -> ExitCode {
+    match cli::probe::run(url).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

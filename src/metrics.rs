@@ -15,58 +15,58 @@ use prometheus_client::{
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabels {
+pub(crate) struct OutcomeLabels {
     /// `success` or `failure`.
-    pub status: &'static str,
+    pub(crate) status: &'static str,
     /// The failure kind, or `none` on success.
-    pub kind: &'static str,
+    pub(crate) kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ClassLabels {
+pub(crate) struct ClassLabels {
     /// `2xx`, `3xx`, `4xx`, `5xx`, or `error` when no response came.
-    pub class: &'static str,
+    pub(crate) class: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RetryLabels {
+pub(crate) struct RetryLabels {
     /// Where the job waits: `delay_queue` (parked), `retry_queue` (checkpointed, the
     /// rest slept by its next consumer) or `in_process` (the broker could not take it).
-    pub mode: &'static str,
+    pub(crate) mode: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct NodeLabels {
+pub(crate) struct NodeLabels {
     /// `host:port` of the broker node in use.
-    pub node: String,
+    pub(crate) node: String,
 }
 
 /// All the worker's metrics.
 pub struct Metrics {
     registry: Registry,
-    pub jobs_finished: Family<OutcomeLabels, Counter>,
-    pub http_attempts: Family<ClassLabels, Counter>,
-    pub request_duration: Histogram,
-    pub job_latency: Histogram,
-    pub jobs_in_flight: Gauge,
-    pub retries_scheduled: Family<RetryLabels, Counter>,
-    pub results_unroutable: Counter,
-    pub broker_connects: Counter,
-    pub broker_connected: Gauge,
-    pub broker_node: Family<NodeLabels, Gauge>,
-    pub broker_failovers: Counter,
-    pub circuit_state: Gauge,
-    pub rate_limited_waits: Counter,
-    pub jobs_handed_back: Counter,
-    pub order: OrderMetrics,
+    pub(crate) jobs_finished: Family<OutcomeLabels, Counter>,
+    pub(crate) http_attempts: Family<ClassLabels, Counter>,
+    pub(crate) request_duration: Histogram,
+    pub(crate) job_latency: Histogram,
+    pub(crate) jobs_in_flight: Gauge,
+    pub(crate) retries_scheduled: Family<RetryLabels, Counter>,
+    pub(crate) results_unroutable: Counter,
+    pub(crate) broker_connects: Counter,
+    pub(crate) broker_connected: Gauge,
+    pub(crate) broker_node: Family<NodeLabels, Gauge>,
+    pub(crate) broker_failovers: Counter,
+    pub(crate) circuit_state: Gauge,
+    pub(crate) rate_limited_waits: Counter,
+    pub(crate) jobs_handed_back: Counter,
+    pub(crate) order: OrderMetrics,
     current_node: std::sync::Mutex<Option<String>>,
 }
 
 /// Values of `jelou_worker_circuit_state`.
-pub mod circuit {
-    pub const CLOSED: i64 = 0;
-    pub const OPEN_OUTAGE: i64 = 1;
-    pub const OPEN_CREDENTIALS: i64 = 2;
+pub(crate) mod circuit {
+    pub(crate) const CLOSED: i64 = 0;
+    pub(crate) const OPEN_OUTAGE: i64 = 1;
+    pub(crate) const OPEN_CREDENTIALS: i64 = 2;
 }
 
 impl Default for Metrics {
@@ -76,7 +76,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut registry = Registry::with_prefix("jelou_worker");
         let jobs_finished = Family::<OutcomeLabels, Counter>::default();
         registry.register(
@@ -185,7 +185,7 @@ impl Metrics {
     }
 
     /// Records the node a new connection went to.
-    pub fn connected_to(&self, node: &str) {
+    pub(crate) fn connected_to(&self, node: &str) {
         self.broker_connects.inc();
         let mut current = self.current_node.lock().expect("not poisoned");
         if let Some(old) = current.take() {
@@ -203,7 +203,7 @@ impl Metrics {
     }
 
     /// Counts one HTTP attempt by its status (`None`: no response).
-    pub fn attempt(&self, status: Option<u16>, seconds: f64) {
+    pub(crate) fn attempt(&self, status: Option<u16>, seconds: f64) {
         let class = match status {
             Some(200..=299) => "2xx",
             Some(300..=399) => "3xx",
@@ -218,7 +218,7 @@ impl Metrics {
     }
 
     /// The OpenMetrics text of every metric.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
@@ -226,7 +226,7 @@ impl Metrics {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct WaitLabels {
+pub(crate) struct WaitLabels {
     /// Why a job waits: `user_order` (behind an earlier job of its user),
     /// `bot_pause` (a 429), `bot_pace` (`jelou.rate_limit_per_second`), `user_pace`
     /// (`order.user_min_interval_ms`) or `retry` (its next attempt).
@@ -234,13 +234,13 @@ pub struct WaitLabels {
 }
 
 /// What waits and why, and the partitions of the work this worker owns (order on).
-pub struct OrderMetrics {
+pub(crate) struct OrderMetrics {
     /// Jobs this worker holds that wait now, by reason (order on: the jobs of the
     /// partitions it owns; parked jobs of an unordered worker wait on the broker).
-    pub waiting: Family<WaitLabels, Gauge>,
-    pub waits: Family<WaitLabels, Counter>,
-    pub partitions_owned: Gauge,
-    pub router_active: Gauge,
+    pub(crate) waiting: Family<WaitLabels, Gauge>,
+    pub(crate) waits: Family<WaitLabels, Counter>,
+    pub(crate) partitions_owned: Gauge,
+    pub(crate) router_active: Gauge,
 }
 
 impl OrderMetrics {
@@ -275,12 +275,12 @@ impl OrderMetrics {
     }
 
     /// Counts one wait.
-    pub fn waited(&self, reason: &'static str) {
+    pub(crate) fn waited(&self, reason: &'static str) {
         self.waits.get_or_create(&WaitLabels { reason }).inc();
     }
 
     /// Adds `delta` to the jobs waiting now for `reason`.
-    pub fn waiting_add(&self, reason: &'static str, delta: i64) {
+    pub(crate) fn waiting_add(&self, reason: &'static str, delta: i64) {
         if delta != 0 {
             self.waiting
                 .get_or_create(&WaitLabels { reason })

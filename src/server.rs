@@ -26,7 +26,7 @@ struct AppState {
 
 /// Binds `listen` and serves until `stop`. Binding errors are returned at once, so a
 /// taken port fails the start with a clear message.
-pub async fn serve(
+pub(crate) async fn serve(
     listen: SocketAddr,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,

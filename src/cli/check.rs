@@ -18,9 +18,9 @@ use crate::{
 /// One line of the verdict.
 #[derive(Debug, Clone)]
 pub struct Finding {
-    pub ok: bool,
-    pub what: &'static str,
-    pub detail: String,
+    pub(crate) ok: bool,
+    pub(crate) what: &'static str,
+    pub(crate) detail: String,
 }
 
 /// Runs every check; never stops at the first problem, so the operator sees all.

@@ -155,32 +155,15 @@ fn stand_in_behaviour(jelou: &StandIn) {
 }
 
 /// Runs the demo; Ok(true) when every job ended as expected.
-pub async fn run(mut settings: Settings) -> anyhow::Result<bool> {
+pub async fn run(settings: Settings) -> anyhow::Result<bool> {
     let jelou = StandIn::start()
         .await
         .context("cannot start the stand-in Jelou")?;
     stand_in_behaviour(&jelou);
     let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let prefix = format!("jelou-demo-{id}");
-    settings.amqp.jobs_queue = format!("{prefix}.jobs");
-    settings.amqp.result_exchange = format!("{prefix}.results");
-    settings.amqp.dead_letter_exchange = format!("{prefix}.dead");
-    settings.amqp.dead_letter_queue = format!("{prefix}.jobs.dead");
-    settings.amqp.declare_topology = true;
-    settings.jelou.base_url = jelou.base_url();
-    settings.jelou.client_id = Some("demo-client".into());
-    settings.jelou.client_secret = Some("demo-secret".into());
-    settings.retry.initial_interval_ms = 200;
-    settings.retry.max_interval_ms = 2_000;
-    settings.retry.max_attempts = 5;
-    settings.retry.max_elapsed_ms = 30_000;
-    settings.server.listen = "127.0.0.1:0".parse().expect("valid");
-    settings.shutdown.grace_period_ms = 5_000;
-
-    println!("jelou-worker demo");
-    println!("  stand-in Jelou  {}", jelou.base_url());
-    println!("  broker          {}", settings.amqp.url);
-    println!("  queues          {prefix}.* (removed at the end)\n");
+    let settings = demo_settings(settings, &prefix, &jelou);
+    print_header(&settings, &prefix, &jelou);
 
     let amqp = &settings.amqp;
     let timeout = amqp.operation_timeout();
@@ -189,55 +172,12 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<bool> {
     topology.declare(&conn, timeout).await?;
     // A queue that receives every result, so the demo can print them.
     let results_queue = format!("{prefix}.results.all");
-    let ch = bounded(timeout, "channel.open", conn.create_channel()).await?;
-    bounded(
-        timeout,
-        "queue.declare",
-        ch.queue_declare(
-            results_queue.as_str().into(),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        ),
-    )
-    .await?;
-    bounded(
-        timeout,
-        "queue.bind",
-        ch.queue_bind(
-            results_queue.as_str().into(),
-            amqp.result_exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        ),
-    )
-    .await?;
-    let _ = ch.close(200, "declared".into()).await;
+    declare_results_queue(&conn, &results_queue, &amqp.result_exchange, timeout).await?;
 
     let shutdown = CancellationToken::new();
     let worker = tokio::spawn(worker::run(settings.clone(), shutdown.clone()));
-
     let samples = samples();
-    let publisher = Publisher::open(&conn, timeout).await?;
-    for s in &samples {
-        let props = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64);
-        match publisher
-            .publish("", &amqp.jobs_queue, s.job.to_string().as_bytes(), props)
-            .await?
-        {
-            Published::Routed => println!(
-                "→ enqueued {:<17} {}",
-                s.job["jobId"].as_str().unwrap_or(""),
-                s.story
-            ),
-            Published::Unroutable => anyhow::bail!("the demo's jobs queue vanished"),
-        }
-    }
-    println!();
-
-    publisher.close().await;
+    enqueue(&conn, &amqp.jobs_queue, &samples, timeout).await?;
     let outcome = collect(&conn, &results_queue, &samples).await;
     shutdown.cancel();
     let stopped = tokio::time::timeout(Duration::from_secs(15), worker).await;
@@ -257,6 +197,93 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<bool> {
         }
     );
     Ok(all_as_expected)
+}
+
+/// The configuration of the demo's worker: the broker of `settings`, names of its own
+/// under `prefix`, the stand-in as Jelou, short retries.
+fn demo_settings(mut settings: Settings, prefix: &str, jelou: &StandIn) -> Settings {
+    settings.amqp = settings.amqp.namespaced(prefix);
+    settings.amqp.declare_topology = true;
+    settings.jelou.base_url = jelou.base_url();
+    settings.jelou.client_id = Some("demo-client".into());
+    settings.jelou.client_secret = Some("demo-secret".into());
+    settings.retry.initial_interval_ms = 200;
+    settings.retry.max_interval_ms = 2_000;
+    settings.retry.max_attempts = 5;
+    settings.retry.max_elapsed_ms = 30_000;
+    settings.server.listen = "127.0.0.1:0".parse().expect("valid");
+    settings.shutdown.grace_period_ms = 5_000;
+    settings
+}
+
+fn print_header(settings: &Settings, prefix: &str, jelou: &StandIn) {
+    println!("jelou-worker demo");
+    println!("  stand-in Jelou  {}", jelou.base_url());
+    println!("  broker          {}", settings.amqp.url);
+    println!("  queues          {prefix}.* (removed at the end)\n");
+}
+
+/// Declares `queue` bound to `exchange` with `#`: it receives every result.
+async fn declare_results_queue(
+    conn: &lapin::Connection,
+    queue: &str,
+    exchange: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let ch = bounded(timeout, "channel.open", conn.create_channel()).await?;
+    bounded(
+        timeout,
+        "queue.declare",
+        ch.queue_declare(
+            queue.into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    bounded(
+        timeout,
+        "queue.bind",
+        ch.queue_bind(
+            queue.into(),
+            exchange.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    let _ = ch.close(200, "declared".into()).await;
+    Ok(())
+}
+
+/// Publishes the samples to `jobs_queue` (confirmed), printing each.
+async fn enqueue(
+    conn: &lapin::Connection,
+    jobs_queue: &str,
+    samples: &[Sample],
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let publisher = Publisher::open(conn, timeout).await?;
+    for s in samples {
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64);
+        match publisher
+            .publish("", jobs_queue, s.job.to_string().as_bytes(), props)
+            .await?
+        {
+            Published::Routed => println!(
+                "→ enqueued {:<17} {}",
+                s.job["jobId"].as_str().unwrap_or(""),
+                s.story
+            ),
+            Published::Unroutable => anyhow::bail!("the demo's jobs queue vanished"),
+        }
+    }
+    println!();
+    publisher.close().await;
+    Ok(())
 }
 
 /// Prints results as they arrive, then a summary; true when all are as expected.
@@ -298,32 +325,46 @@ async fn collect(
         };
         let r: Value =
             serde_json::from_slice(&delivery.data).context("a result that is not JSON")?;
-        let job_id = r["jobId"].as_str().unwrap_or("?").to_string();
-        let attempts = r["attempts"].as_u64().unwrap_or(0);
-        let label = if r["status"] == "success" {
-            "success".to_string()
-        } else {
-            r["error"]["kind"].as_str().unwrap_or("?").to_string()
-        };
-        let mark = if expected.get(job_id.as_str()) == Some(&label.as_str()) {
-            "✓"
-        } else {
-            "✗"
-        };
-        if r["status"] == "success" {
-            println!(
-                "{mark} {job_id:<17} success  messageId {} after {attempts} attempt(s)",
-                r["messageId"].as_str().unwrap_or("?")
-            );
-        } else {
-            println!(
-                "{mark} {job_id:<17} failure  {label}: {} ({attempts} attempt(s))",
-                r["error"]["message"].as_str().unwrap_or("")
-            );
-        }
+        let (job_id, label) = print_result(&r, &expected);
         got.insert(job_id, label);
     }
     let _ = ch.close(200, "done".into()).await;
+    print_summary(&got);
+    Ok(expected
+        .iter()
+        .all(|(id, want)| got.get(*id).map(String::as_str) == Some(*want)))
+}
+
+/// Prints one result, marked ✓ when it is the expected one; its (jobId, outcome).
+fn print_result(r: &Value, expected: &HashMap<&str, &str>) -> (String, String) {
+    let job_id = r["jobId"].as_str().unwrap_or("?").to_string();
+    let attempts = r["attempts"].as_u64().unwrap_or(0);
+    let label = if r["status"] == "success" {
+        "success".to_string()
+    } else {
+        r["error"]["kind"].as_str().unwrap_or("?").to_string()
+    };
+    let mark = if expected.get(job_id.as_str()) == Some(&label.as_str()) {
+        "✓"
+    } else {
+        "✗"
+    };
+    if r["status"] == "success" {
+        println!(
+            "{mark} {job_id:<17} success  messageId {} after {attempts} attempt(s)",
+            r["messageId"].as_str().unwrap_or("?")
+        );
+    } else {
+        println!(
+            "{mark} {job_id:<17} failure  {label}: {} ({attempts} attempt(s))",
+            r["error"]["message"].as_str().unwrap_or("")
+        );
+    }
+    (job_id, label)
+}
+
+/// How many jobs ended each way.
+fn print_summary(got: &HashMap<String, String>) {
     println!("\nSummary");
     let mut counts: HashMap<&str, usize> = HashMap::new();
     for label in got.values() {
@@ -334,9 +375,6 @@ async fn collect(
     for (label, n) in counts {
         println!("  {label:<18} {n}");
     }
-    Ok(expected
-        .iter()
-        .all(|(id, want)| got.get(*id).map(String::as_str) == Some(*want)))
 }
 
 async fn cleanup(

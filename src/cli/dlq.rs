@@ -28,12 +28,12 @@ use crate::{
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DeadLetter {
-    pub job_id: Option<String>,
-    pub kind: Option<String>,
-    pub message: Option<String>,
-    pub failed_at: Option<String>,
-    pub attempts: Option<i64>,
-    pub bytes: usize,
+    pub(crate) job_id: Option<String>,
+    pub(crate) kind: Option<String>,
+    pub(crate) message: Option<String>,
+    pub(crate) failed_at: Option<String>,
+    pub(crate) attempts: Option<i64>,
+    pub(crate) bytes: usize,
 }
 
 impl DeadLetter {

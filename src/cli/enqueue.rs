@@ -18,6 +18,7 @@ use lapin::{BasicProperties, types::ShortString};
 
 use crate::{
     broker::{self, Published, Publisher, Topology},
+    cli::UsageError,
     config::Settings,
     job::parse_job,
 };
@@ -53,9 +54,11 @@ pub async fn run(settings: &Settings, source: Source) -> anyhow::Result<(usize, 
     let mut refused = 0usize;
     let lines = read_lines(&settings.amqp.max_job_bytes, source, &mut refused)?;
     if lines.is_empty() && refused == 0 {
-        anyhow::bail!(
+        return Err(UsageError(
             "no job given: pass --bot/--user/--text, or JSON lines with --file (or on stdin)"
-        );
+                .into(),
+        )
+        .into());
     }
     let amqp = &settings.amqp;
     let timeout = amqp.operation_timeout();
@@ -183,13 +186,13 @@ fn read_lines(max_bytes: &usize, source: Source, refused: &mut usize) -> anyhow:
 }
 
 /// A progress bar on a terminal, a plain line every 10 % otherwise.
-pub struct Progress {
+pub(crate) struct Progress {
     bar: Option<indicatif::ProgressBar>,
     total: usize,
 }
 
 impl Progress {
-    pub fn new(total: usize) -> Self {
+    pub(crate) fn new(total: usize) -> Self {
         let bar = (total > 1 && std::io::stderr().is_terminal()).then(|| {
             let bar = indicatif::ProgressBar::new(total as u64);
             bar.set_style(
@@ -201,7 +204,7 @@ impl Progress {
         Self { bar, total }
     }
 
-    pub fn tick(&self, done: usize) {
+    pub(crate) fn tick(&self, done: usize) {
         match &self.bar {
             Some(bar) => bar.set_position(done as u64),
             None if self.total >= 1000 && done.is_multiple_of(self.total / 10) => {
@@ -211,7 +214,7 @@ impl Progress {
         }
     }
 
-    pub fn finish(&self) {
+    pub(crate) fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }

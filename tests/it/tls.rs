@@ -3,8 +3,6 @@
 //! a throwaway CA, server and client certificates made by rcgen; mutual TLS; and
 //! HTTPS to a stand-in Jelou behind the same kind of proxy.
 
-mod common;
-
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
@@ -15,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use common::*;
+use crate::utils::*;
 use jelou_worker::{
     broker,
     config::{AmqpSettings, AmqpUrls, Settings},
@@ -279,7 +277,6 @@ async fn amqps_with_the_ca_file_processes_a_job_end_to_end() {
         "{e}"
     );
     assert!(!e.contains("guest:guest"), "the password leaked: {e}");
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -334,7 +331,6 @@ async fn mutual_tls_succeeds_with_the_client_certificate_and_fails_without() {
         refused.contains("UnknownIssuer") || refused.to_lowercase().contains("certificate"),
         "{refused}"
     );
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,7 +379,6 @@ async fn unusable_tls_files_fail_the_start_naming_the_key() {
         assert_eq!(text.lines().count(), 1, "{text}");
     }
     assert_eq!(proxy.handshakes(), 0, "nothing reached the broker");
-    env.cleanup().await;
 }
 
 // ---------------------------------------------------------------------------------
@@ -427,5 +422,4 @@ async fn https_to_jelou_trusts_jelou_tls_ca_file_and_nothing_else() {
     );
     assert_eq!(env.jelou.count(), 1, "nothing reached Jelou without trust");
     worker.stop().await.unwrap();
-    env.cleanup().await;
 }

@@ -6,7 +6,7 @@
 //! they are `#[ignore]`d by default. `scripts/ci-cluster.sh` starts the cluster, runs
 //!
 //! ```sh
-//! JELOU_CLUSTER_TESTS=1 cargo test --locked --test cluster -- --ignored --test-threads=1
+//! JELOU_CLUSTER_TESTS=1 cargo test --locked --test it -- --ignored --test-threads=1 cluster::
 //! ```
 //!
 //! and always stops the cluster. Each test appends its measurements (failover times,
@@ -24,8 +24,6 @@
 //! and result collector use the third node T, which is never failed, so that what is
 //! measured is the worker's failover.
 
-#[path = "../common/mod.rs"]
-mod common;
 mod harness;
 
 use std::{

@@ -27,7 +27,7 @@ fn every_scenario_runs_and_every_job_gets_exactly_one_result() {
         "--worker-bin",
         env!("CARGO_BIN_EXE_jelou-worker"),
     ]);
-    // Same override as the other integration tests (tests/common).
+    // Same override as the other integration tests (tests/it/utils).
     if let Ok(url) = std::env::var("JELOU_TEST_AMQP_URL") {
         command.args(["--amqp-url", &url]);
     }

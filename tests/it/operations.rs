@@ -2,11 +2,9 @@
 //! list/replay` on real dead letters, `check` with good and broken configurations,
 //! and `enqueue`.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::utils::*;
 use jelou_worker::stand_in::Reply;
 use serde_json::json;
 
@@ -125,7 +123,6 @@ async fn metrics_and_health_follow_the_work() {
     assert_eq!(first["attempts"], 1);
     assert!(first["duration_ms"].is_u64());
     assert!(!log.contains("Hello"), "a message body reached the log");
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,7 +249,9 @@ async fn dlq_list_and_replay_move_real_dead_letters() {
         .output()
         .await
         .unwrap();
-    assert!(!refused.status.success());
+    assert_eq!(refused.status.code(), Some(2), "a usage error");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.starts_with("error: say what to replay"), "{stderr}");
     // replay by kind moves only that one, with a fresh attempt count.
     let out = run_ok(&settings, &["dlq", "replay", "--kind", "retries_exhausted"]).await;
     assert_eq!(out.trim(), "d-exhausted");
@@ -292,7 +291,6 @@ async fn dlq_list_and_replay_move_real_dead_letters() {
         2,
         "nothing lost mid-move"
     );
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -350,7 +348,50 @@ async fn check_passes_a_good_configuration_and_names_each_problem() {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("retry.max_attempts"), "{stderr}");
-    env.cleanup().await;
+    assert!(stderr.starts_with("error: configuration: "), "{stderr}");
+}
+
+/// The commands a person runs (`enqueue`, `dlq`, `check`, `demo`) report a failure as
+/// one plain line, `error: ...`, never as the daemon's JSON log line (the tests'
+/// `log.format` is json): exit status 2 when the command was given wrongly, as for
+/// clap's own errors, and 1 for any other failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_failures_are_one_plain_line_exit_2_for_usage_errors() {
+    let settings = jelou_worker::config::Settings::default();
+    let unreachable = format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port());
+    let cases: [(&[&str], i32, &str); 4] = [
+        (
+            &["enqueue", "--file", "/dev/null"],
+            2,
+            "error: no job given",
+        ),
+        (
+            &["dlq", "replay", "--kind", "nope"],
+            2,
+            "error: --kind nope: not a failure kind",
+        ),
+        (&["dlq", "replay"], 2, "error: say what to replay"),
+        (&["dlq", "list"], 1, "error: cannot connect to the broker"),
+    ];
+    for (args, code, start) in cases {
+        let out = command(&settings, args)
+            .env("JELOU_WORKER__AMQP__URL", &unreachable)
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: one line: {stderr}");
+        assert!(stderr.starts_with(start), "{args:?}: {stderr}");
+        assert!(!stderr.contains("secret"), "{args:?}: {stderr}");
+    }
+    // clap's own usage errors exit 2 too.
+    let out = command(&settings, &["dlq", "replay", "--all", "--kind", "rejected"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: "));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -411,5 +452,4 @@ async fn enqueue_publishes_from_flags_and_json_lines() {
     );
     assert_eq!(results["e-flag"]["botId"], "B1");
     worker.stop().await.unwrap();
-    env.cleanup().await;
 }

@@ -8,7 +8,7 @@
 //! node when theirs fails; the tests point them at a node they do not fail, so that
 //! what is measured is the worker's failover, not theirs.
 
-use crate::common::http_get;
+use crate::utils::http_get;
 use std::{
     collections::{HashMap, HashSet},
     hash::{Hash, Hasher},
@@ -133,7 +133,7 @@ impl Cluster {
             panic!(
                 "the cluster tests need {ENABLE}=1 and a running 3-node cluster: \
                  run scripts/ci-cluster.sh, or scripts/cluster.sh start and then \
-                 {ENABLE}=1 cargo test --test cluster -- --ignored --test-threads=1"
+                 {ENABLE}=1 cargo test --test it -- --ignored --test-threads=1 cluster::"
             );
         }
         let cluster = Cluster {
@@ -336,11 +336,12 @@ impl Names {
     pub fn new(test: &str) -> Self {
         let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
         let prefix = format!("cluster.{test}.{id}");
+        let amqp = jelou_worker::config::AmqpSettings::default().namespaced(&prefix);
         Names {
-            jobs_queue: format!("{prefix}.jobs"),
-            result_exchange: format!("{prefix}.results"),
-            dead_letter_exchange: format!("{prefix}.dead"),
-            dead_letter_queue: format!("{prefix}.jobs.dead"),
+            jobs_queue: amqp.jobs_queue,
+            result_exchange: amqp.result_exchange,
+            dead_letter_exchange: amqp.dead_letter_exchange,
+            dead_letter_queue: amqp.dead_letter_queue,
             results_queue: format!("{prefix}.collected"),
             prefix,
         }

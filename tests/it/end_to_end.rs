@@ -2,12 +2,10 @@
 //! every row of the contract's section 2 table, invalid jobs, jobId/correlation rules,
 //! deadlines, the result's AMQP properties, the dead-letter queue, concurrency.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::utils::*;
 use base64::Engine;
-use common::*;
 use jelou_worker::stand_in::Reply;
 use lapin::BasicProperties;
 use serde_json::json;
@@ -68,7 +66,6 @@ async fn a_text_job_is_sent_once_and_its_success_published() {
     worker.stop().await.unwrap();
     assert_eq!(env.message_count(&env.settings.amqp.jobs_queue).await, 0);
     assert!(env.dead_letters().await.is_empty());
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,7 +114,6 @@ async fn every_documented_message_type_is_sent_byte_for_byte() {
         "bodies must reach Jelou exactly as the producer wrote them"
     );
     worker.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,7 +145,6 @@ async fn hostile_bot_ids_stay_inside_one_path_segment() {
     want.sort();
     assert_eq!(paths, want);
     worker.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,7 +176,6 @@ async fn a_2xx_without_success_is_rejected_and_never_resent() {
         Some("rejected")
     );
     worker.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,7 +197,6 @@ async fn retryable_statuses_are_retried_until_success() {
     assert_eq!(env.jelou.count(), 4);
     assert!(env.dead_letters().await.is_empty());
     worker.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,7 +245,6 @@ async fn other_4xx_are_rejected_at_once_with_jelous_code() {
     assert_eq!(sends, statuses.len(), "no retry, no redirect followed");
     assert_eq!(env.dead_letters().await.len(), statuses.len());
     worker.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,7 +265,6 @@ async fn persistent_5xx_exhausts_max_attempts() {
     assert_eq!(env.jelou.count(), 4, "exactly max_attempts requests");
     assert_eq!(env.dead_letters().await.len(), 1);
     worker.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -317,7 +308,6 @@ async fn connection_errors_and_timeouts_are_retried() {
         "{body}"
     );
     worker.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,7 +333,6 @@ async fn retry_after_is_a_minimum_wait_beyond_max_interval() {
         "second attempt only {gap:?} after a Retry-After of 2 s"
     );
     worker.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,7 +355,6 @@ async fn max_elapsed_gives_up_at_once_instead_of_a_pointless_wait() {
         "it waited for nothing"
     );
     worker.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -425,7 +413,6 @@ async fn invalid_jobs_get_invalid_job_and_go_to_the_dead_letter_queue() {
     want.sort();
     assert_eq!(dead, want);
     worker.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -467,7 +454,6 @@ async fn job_id_and_correlation_id_rules() {
     assert_eq!(r3.correlation_id(), Some(generated.clone()));
     assert_eq!(r3.header_str("x-job-id"), Some(generated));
     worker.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -500,7 +486,6 @@ async fn deadlines_expire_jobs_not_yet_sent_or_waiting_to_retry() {
     // No attempt started after the deadline.
     assert_eq!(env.jelou.count(), soon["attempts"].as_u64().unwrap());
     worker.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -524,7 +509,6 @@ async fn slow_jobs_run_concurrently_up_to_prefetch() {
         "30 slow jobs took {took:?}: they were not concurrent"
     );
     worker.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -553,7 +537,6 @@ async fn an_unroutable_result_still_acks_the_job_and_never_resends_it() {
         "the job was not acked"
     );
     assert_eq!(env.jelou.count(), 1);
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -580,7 +563,6 @@ async fn a_queue_with_other_arguments_fails_the_start_naming_the_key() {
     let text = format!("{err:#}");
     assert!(text.contains(&env.settings.amqp.jobs_queue), "{text}");
     assert!(text.contains("amqp.queue_type"), "{text}");
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -604,7 +586,6 @@ async fn without_declaring_the_worker_names_what_is_missing() {
         "{text}"
     );
     assert!(text.contains("declare_topology"), "{text}");
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -637,7 +618,6 @@ async fn long_waits_park_the_job_on_a_delay_queue() {
     assert_eq!(body["status"], "success");
     assert_eq!(body["attempts"], 2, "the attempt count survives parking");
     worker.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -649,5 +629,4 @@ async fn classic_queues_work_too() {
     let body = env.result().await.json();
     assert_eq!(body["status"], "success");
     worker.stop().await.unwrap();
-    env.cleanup().await;
 }

@@ -3,8 +3,6 @@
 //! poison jobs, two workers on one queue. Each test checks that nothing was lost:
 //! every job ends with a result, and Jelou saw no more requests than allowed.
 
-mod common;
-
 use std::{
     collections::HashMap,
     sync::{
@@ -14,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use common::*;
+use crate::utils::*;
 use jelou_worker::{config::QueueType, stand_in::Reply};
 use serde_json::{Value, json};
 
@@ -122,7 +120,6 @@ async fn kill_one_worker(name: &str, workers: usize, n: usize, kill_after: u64) 
         jobs.len()
     );
     assert_eq!(env.message_count(&env.settings.amqp.jobs_queue).await, 0);
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,7 +172,6 @@ async fn retry_state_survives_a_kill_while_the_job_is_parked() {
     );
     second.signal("TERM");
     assert_eq!(second.exit_code(WAIT).await, Some(0));
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,7 +206,6 @@ async fn a_closed_broker_connection_is_rebuilt_and_work_resumes() {
         "{}",
         daemon.log_text()
     );
-    env.cleanup().await;
 }
 
 /// The rows of `rabbitmqctl -q list_<what> --no-table-headers <columns>`, split on tabs.
@@ -316,7 +311,6 @@ async fn finished_jobs_are_acked_around_a_running_one_which_is_not() {
         fast.len() + 2,
         "the fast jobs were sent once each"
     );
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -357,7 +351,6 @@ async fn without_a_broker_readyz_is_503_and_healthz_200() {
         .unwrap()
         .unwrap();
     assert_eq!(status.code(), Some(0));
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -427,7 +420,6 @@ async fn sigterm_finishes_in_flight_jobs_and_hands_back_waiting_ones() {
     );
     next.signal("TERM");
     assert_eq!(next.exit_code(WAIT).await, Some(0));
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -451,7 +443,6 @@ async fn a_second_signal_exits_at_once_and_the_job_returns_to_the_queue() {
         env.message_count(&env.settings.amqp.jobs_queue).await == 1
     })
     .await;
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -507,7 +498,6 @@ async fn an_outage_opens_the_circuit_instead_of_burning_the_backlog() {
         log.contains("circuit open") && log.contains("circuit closed"),
         "{log}"
     );
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -559,7 +549,6 @@ async fn refused_credentials_fail_one_job_then_pause_until_they_work() {
         daemon.log_text().contains("jelou.client_secret"),
         "the log tells the operator what to fix"
     );
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -630,8 +619,6 @@ async fn a_429_pauses_its_bot_and_the_rate_limit_spaces_sends() {
         span >= Duration::from_millis(1350),
         "8 sends at 5/s took only {span:?}"
     );
-    env.cleanup().await;
-    env2.cleanup().await;
 }
 
 /// A job that hangs every worker that takes it: the worker is killed each time, and
@@ -673,7 +660,6 @@ async fn poison(queue_type: QueueType, name: &str) {
     assert_eq!(dead[0].json()["jobId"], "poison-1");
     daemon.signal("TERM");
     assert_eq!(daemon.exit_code(WAIT).await, Some(0));
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

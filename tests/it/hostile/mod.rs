@@ -1,14 +1,11 @@
 //! Hostile input, end to end against the real local RabbitMQ: jobs built to break a
 //! parser or a URL, headers of the wrong AMQP type, and a Jelou that misbehaves on
 //! the wire (redirects, endless or trickling bodies, absurd `Retry-After`), served by
-//! a hand-written HTTP/1.1 server on a raw `TcpListener` so that every byte is ours.
+//! a hand-written HTTP/1.1 server on a raw `TcpListener` (`utils/raw_http.rs`) so that
+//! every byte is ours. The table of hostile jobs is in `cases.rs`.
 //! Each case gets the contract's answer, and the worker keeps working.
 
-mod common;
-
 use std::{
-    future::Future,
-    net::SocketAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -16,204 +13,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::*;
-use lapin::{
-    BasicProperties,
-    types::{AMQPValue, FieldArray, FieldTable, LongString},
-};
+use lapin::types::AMQPValue;
 use serde_json::{Value, json};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-    sync::mpsc,
-};
+use tokio::{io::AsyncWriteExt, net::TcpListener, sync::mpsc};
+
+use crate::utils::{raw_http::*, *};
+use cases::headers;
+
+mod cases;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-// ---------------------------------------------------------------------------------
-// A raw HTTP/1.1 server: one request per connection, answered by a script.
-// ---------------------------------------------------------------------------------
-
-/// A request as the raw server read it.
-#[derive(Debug, Clone)]
-struct RawRequest {
-    /// 1 for the first request the server received.
-    n: usize,
-    head: String,
-    body: Vec<u8>,
-    at: Instant,
-}
-
-impl RawRequest {
-    /// The request target, exactly as sent.
-    fn path(&self) -> &str {
-        self.head.split(' ').nth(1).unwrap_or("")
-    }
-
-    /// The botId segment of `/v1/bots/{botId}/messages`, still encoded.
-    fn bot(&self) -> &str {
-        self.path()
-            .trim_start_matches("/v1/bots/")
-            .trim_end_matches("/messages")
-    }
-}
-
-/// A hand-written HTTP/1.1 server on loopback. Every connection carries one request;
-/// `script` writes whatever bytes it likes in answer and then drops the connection.
-struct RawHttp {
-    addr: SocketAddr,
-    requests: Arc<Mutex<Vec<RawRequest>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl RawHttp {
-    async fn start<F, Fut>(script: F) -> Self
-    where
-        F: Fn(RawRequest, TcpStream) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let requests: Arc<Mutex<Vec<RawRequest>>> = Arc::default();
-        let script = Arc::new(script);
-        let log = requests.clone();
-        let counter = Arc::new(AtomicUsize::new(0));
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let (script, log, counter) = (script.clone(), log.clone(), counter.clone());
-                tokio::spawn(async move {
-                    let Some((head, body)) = read_request(&mut stream).await else {
-                        return;
-                    };
-                    let request = RawRequest {
-                        n: counter.fetch_add(1, Ordering::SeqCst) + 1,
-                        head,
-                        body,
-                        at: Instant::now(),
-                    };
-                    log.lock().unwrap().push(request.clone());
-                    script(request, stream).await;
-                });
-            }
-        });
-        Self {
-            addr,
-            requests,
-            task,
-        }
-    }
-
-    fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn requests(&self) -> Vec<RawRequest> {
-        self.requests.lock().unwrap().clone()
-    }
-
-    fn requests_for(&self, bot: &str) -> Vec<RawRequest> {
-        self.requests()
-            .into_iter()
-            .filter(|r| r.bot() == bot)
-            .collect()
-    }
-}
-
-impl Drop for RawHttp {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Reads one request (head and `content-length` body); None if the client went away.
-async fn read_request(stream: &mut TcpStream) -> Option<(String, Vec<u8>)> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        if buf.len() > 1 << 20 {
-            return None;
-        }
-        let n = stream.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let length: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(0);
-    let mut body = buf[head_end..].to_vec();
-    while body.len() < length {
-        let n = stream.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        body.extend_from_slice(&chunk[..n]);
-    }
-    Some((head, body))
-}
-
-/// Writes a whole response and closes the connection.
-async fn respond(stream: &mut TcpStream, status: &str, headers: &[(&str, &str)], body: &[u8]) {
-    let mut out = format!(
-        "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        out.push_str(&format!("{k}: {v}\r\n"));
-    }
-    out.push_str("\r\n");
-    let mut bytes = out.into_bytes();
-    bytes.extend_from_slice(body);
-    let _ = stream.write_all(&bytes).await;
-    let _ = stream.shutdown().await;
-}
-
-async fn success(stream: &mut TcpStream, id: &str) {
-    let body = format!(r#"{{"success":true,"messageId":"{id}"}}"#);
-    respond(
-        stream,
-        "200 OK",
-        &[("content-type", "application/json")],
-        body.as_bytes(),
-    )
-    .await;
-}
-
-/// Writes `chunk` again and again (after `head`) until `limit` bytes are out, the
-/// client hangs up, or a write stalls for 20 s (the client stopped reading but kept
-/// the connection open). Returns the body bytes written and how long it took.
-async fn stream_body(
-    stream: &mut TcpStream,
-    head: &str,
-    chunk: &[u8],
-    limit: u64,
-) -> (u64, Duration) {
-    let started = Instant::now();
-    if stream.write_all(head.as_bytes()).await.is_err() {
-        return (0, started.elapsed());
-    }
-    let mut sent = 0u64;
-    while sent < limit {
-        match tokio::time::timeout(Duration::from_secs(20), stream.write_all(chunk)).await {
-            Ok(Ok(())) => sent += chunk.len() as u64,
-            _ => break,
-        }
-    }
-    (sent, started.elapsed())
-}
 
 /// Resident memory of this test process, in bytes.
 fn rss_bytes() -> u64 {
@@ -237,271 +46,17 @@ fn job(job_id: &str, bot: &str) -> Value {
     text_job(job_id, bot)
 }
 
-fn headers(pairs: Vec<(&str, AMQPValue)>) -> BasicProperties {
-    let mut table = FieldTable::default();
-    for (k, v) in pairs {
-        table.insert(k.into(), v);
-    }
-    BasicProperties::default().with_headers(table)
-}
-
 // ---------------------------------------------------------------------------------
 // 1. Hostile jobs (the stand-in Jelou answers success).
 // ---------------------------------------------------------------------------------
-
-/// One hostile job: published with `message_id` = `label`; `result_id` is the jobId
-/// its result must carry; `outcome` is "success" or the failure kind.
-struct Case {
-    label: &'static str,
-    result_id: String,
-    body: Vec<u8>,
-    props: BasicProperties,
-    outcome: &'static str,
-}
-
-fn case(label: &'static str, body: impl Into<Vec<u8>>, outcome: &'static str) -> Case {
-    Case {
-        label,
-        result_id: label.to_string(),
-        body: body.into(),
-        props: BasicProperties::default(),
-        outcome,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_jobs_get_the_contracts_answer_and_the_worker_keeps_working() {
     let env = TestEnv::new("hostile_jobs").await;
     let max = env.settings.amqp.max_job_bytes;
-    let mut cases: Vec<Case> = Vec::new();
-    // Messages that must reach Jelou byte for byte.
-    let mut verbatim: Vec<(&str, String)> = Vec::new();
-
-    // Deep nesting: inside the message (kept as raw bytes, sent as is), in an
-    // ignored field, and as the whole body.
-    let depth = 100_000;
-    let deep_message = format!(
-        r#"{{"type":"text","userId":"u","x":{}{}}}"#,
-        "[".repeat(depth),
-        "]".repeat(depth)
-    );
-    let body = format!(r#"{{"jobId":"deep-msg","botId":"B","message":{deep_message}}}"#);
-    verbatim.push(("deep-msg", deep_message));
-    cases.push(case("deep-msg", body, "success"));
-    let body = format!(
-        r#"{{"jobId":"deep-extra","botId":"B","extra":{}1{},"message":{{"type":"text","userId":"u"}}}}"#,
-        "{\"a\":".repeat(depth / 5),
-        "}".repeat(depth / 5)
-    );
-    cases.push(case("deep-extra", body, "success"));
-    let body = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
-    cases.push(case("deep-body", body, "invalid_job"));
-    cases.push(case("deep-unclosed", "[".repeat(max), "invalid_job"));
-
-    // A huge string: exactly amqp.max_job_bytes is processed (and sent intact); one
-    // byte more is invalid.
-    let frame = |id: &str, text: &str| {
-        format!(
-            r#"{{"jobId":"{id}","botId":"B","message":{{"type":"text","userId":"u","text":"{text}"}}}}"#
-        )
-    };
-    let room = max - frame("huge-at-max", "").len();
-    let text = "é".repeat(room / 2) + &"a".repeat(room % 2);
-    let body = frame("huge-at-max", &text);
-    assert_eq!(body.len(), max);
-    verbatim.push((
-        "huge-at-max",
-        format!(r#"{{"type":"text","userId":"u","text":"{text}"}}"#),
-    ));
-    cases.push(case("huge-at-max", body, "success"));
-    let body = frame("huge-over-1", &format!("{text}a"));
-    assert_eq!(body.len(), max + 1);
-    cases.push(case("huge-over-1", body, "invalid_job"));
-
-    // Invalid UTF-8: in the message (which is sent to Jelou), in the botId, and in a
-    // field that is otherwise ignored (a body that is not UTF-8 is not JSON).
-    let mut body =
-        br#"{"jobId":"utf8-msg","botId":"B","message":{"type":"text","userId":"u","text":"#
-            .to_vec();
-    body.extend_from_slice(b"\"\xc3\x28\xff\"}}");
-    cases.push(case("utf8-msg", body, "invalid_job"));
-    let mut body = br#"{"jobId":"utf8-bot","botId":""#.to_vec();
-    body.extend_from_slice(b"\xed\xa0\x80\",\"message\":{\"type\":\"text\",\"userId\":\"u\"}}");
-    cases.push(case("utf8-bot", body, "invalid_job"));
-    let mut body = br#"{"jobId":"utf8-extra","botId":"B","note":""#.to_vec();
-    body.extend_from_slice(b"\xfe\",\"message\":{\"type\":\"text\",\"userId\":\"u\"}}");
-    cases.push(case("utf8-extra", body, "invalid_job"));
-
-    // NUL, controls, CRLF (header injection), ANSI escapes, RTL override, dots and
-    // slashes in botId: data, never structure. The path stays one segment.
-    let bots = [
-        ("bot-nul", "a\u{0}b", "/v1/bots/a%00b/messages"),
-        (
-            "bot-crlf",
-            "x\r\nX-Evil: 1\r\n\r\nGET / HTTP/1.1",
-            "/v1/bots/x%0D%0AX-Evil%3A%201%0D%0A%0D%0AGET%20%2F%20HTTP%2F1.1/messages",
-        ),
-        (
-            "bot-ctl",
-            "\u{1b}[31m\u{7f}\u{1}",
-            "/v1/bots/%1B%5B31m%7F%01/messages",
-        ),
-        (
-            "bot-rtl",
-            "\u{202e}gnp.exe",
-            "/v1/bots/%E2%80%AEgnp.exe/messages",
-        ),
-        (
-            "bot-dots",
-            "../../admin",
-            "/v1/bots/..%2F..%2Fadmin/messages",
-        ),
-        ("bot-query", "b?x=1#f", "/v1/bots/b%3Fx%3D1%23f/messages"),
-    ];
-    for (id, bot, _) in bots {
-        cases.push(case(id, job(id, bot).to_string(), "success"));
-    }
-
-    // Duplicate keys: ambiguous (which one would Jelou read?), so invalid, also when
-    // one of them is spelled with an escape; a duplicate the worker does not read is
-    // the producer's business and goes through as written.
-    let dups = [
-        (
-            "dup-bot",
-            r#"{"jobId":"dup-bot","botId":"B","botId":"C","message":{"type":"text","userId":"u"}}"#,
-            "invalid_job",
-        ),
-        (
-            "dup-escaped",
-            r#"{"jobId":"dup-escaped","botId":"B","botI\u0064":"C","message":{"type":"text","userId":"u"}}"#,
-            "invalid_job",
-        ),
-        (
-            "dup-type",
-            r#"{"jobId":"dup-type","botId":"B","message":{"type":"text","type":"image","userId":"u"}}"#,
-            "invalid_job",
-        ),
-        (
-            "dup-user",
-            r#"{"jobId":"dup-user","botId":"B","message":{"type":"text","userId":"u","userId":"v"}}"#,
-            "invalid_job",
-        ),
-        (
-            "dup-text",
-            r#"{"jobId":"dup-text","botId":"B","message":{"type":"text","userId":"u","text":"a","text":"b"}}"#,
-            "success",
-        ),
-    ];
-    for (id, body, outcome) in dups {
-        cases.push(case(id, body, outcome));
-    }
-    verbatim.push((
-        "dup-text",
-        r#"{"type":"text","userId":"u","text":"a","text":"b"}"#.into(),
-    ));
-
-    // Deadlines at the ends of RFC 3339's range, and an impossible date.
-    let with_deadline = |id: &str, d: &str| {
-        let mut j = job(id, "B");
-        j["deadline"] = json!(d);
-        j.to_string()
-    };
-    cases.push(case(
-        "deadline-year1",
-        with_deadline("deadline-year1", "0001-01-01T00:00:00Z"),
-        "expired",
-    ));
-    cases.push(case(
-        "deadline-9999",
-        with_deadline("deadline-9999", "9999-12-31T23:59:59.999999999+14:00"),
-        "success",
-    ));
-    cases.push(case(
-        "deadline-feb30",
-        with_deadline("deadline-feb30", "2026-02-30T00:00:00Z"),
-        "invalid_job",
-    ));
-
-    // Retry headers of the wrong AMQP type, or absurd, are ignored.
-    let attempts = "x-jelou-attempts";
-    let header_cases: Vec<(&'static str, BasicProperties)> = vec![
-        (
-            "hdr-string",
-            headers(vec![(attempts, AMQPValue::LongString("3".into()))]),
-        ),
-        (
-            "hdr-negative",
-            headers(vec![(attempts, AMQPValue::LongLongInt(-5))]),
-        ),
-        (
-            "hdr-max",
-            headers(vec![(attempts, AMQPValue::LongLongInt(i64::MAX))]),
-        ),
-        (
-            "hdr-double",
-            headers(vec![(attempts, AMQPValue::Double(2.5))]),
-        ),
-        (
-            "hdr-array",
-            headers(vec![(
-                attempts,
-                AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::LongLongInt(1)])),
-            )]),
-        ),
-        (
-            "hdr-table",
-            headers(vec![(
-                attempts,
-                AMQPValue::FieldTable(FieldTable::default()),
-            )]),
-        ),
-        ("hdr-void", headers(vec![(attempts, AMQPValue::Void)])),
-        (
-            "hdr-garbage-state",
-            headers(vec![
-                (
-                    "x-jelou-not-before",
-                    AMQPValue::LongString("tomorrow".into()),
-                ),
-                ("x-jelou-first-attempt-at", AMQPValue::Boolean(true)),
-                ("x-jelou-last-status", AMQPValue::LongLongInt(70_000)),
-                (
-                    "x-jelou-last-error",
-                    AMQPValue::LongString(LongString::from(b"\xff\xfe".to_vec())),
-                ),
-            ]),
-        ),
-        (
-            "hdr-not-before-negative",
-            headers(vec![(
-                "x-jelou-not-before",
-                AMQPValue::LongLongInt(i64::MIN),
-            )]),
-        ),
-    ];
-    for (id, props) in header_cases {
-        cases.push(Case {
-            props,
-            ..case(id, job(id, "B").to_string(), "success")
-        });
-    }
-
-    // jobIds that a correlation_id cannot hold (800 bytes), or that hold a NUL.
-    let wide = "🦀".repeat(200);
-    let body = json!({"jobId": wide, "botId": "B", "message": {"type": "text", "userId": "u"}});
-    cases.push(Case {
-        result_id: wide.clone(),
-        ..case("wide-id", body.to_string(), "success")
-    });
-    let body =
-        json!({"jobId": "a\u{0}b", "botId": "B", "message": {"type": "text", "userId": "u"}});
-    cases.push(Case {
-        result_id: "a\u{0}b".into(),
-        ..case("nul-id", body.to_string(), "success")
-    });
-
-    // After all that, an ordinary job.
-    cases.push(case("plain", job("plain", "B").to_string(), "success"));
+    let cases::Table { cases, verbatim } = cases::Table::new(max);
+    let bots = cases::BOTS;
+    let wide = cases::wide_id();
 
     env.declare().await;
     for c in &cases {
@@ -599,7 +154,6 @@ async fn hostile_jobs_get_the_contracts_answer_and_the_worker_keeps_working() {
     assert_eq!(env.dead_letters().await.len(), failed);
     assert!(!worker.handle.is_finished(), "the worker stopped");
     worker.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 /// A parked job carries `x-jelou-not-before`; a producer can forge one. A value no
@@ -628,7 +182,6 @@ async fn a_forged_far_future_not_before_does_not_hold_a_job_forever() {
         "{results:#?}"
     );
     worker.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 // ---------------------------------------------------------------------------------
@@ -702,7 +255,6 @@ async fn redirects_are_never_followed_and_credentials_never_replayed() {
     );
     bystander.abort();
     worker.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -749,7 +301,6 @@ async fn an_endless_200_body_is_cut_at_max_response_bytes() {
     assert!(grown < 256 << 20, "memory grew by {grown} bytes");
     assert_eq!(jelou.requests().len(), 1);
     worker.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -799,7 +350,6 @@ async fn a_response_trickling_one_byte_per_second_is_cut_by_the_timeout_and_retr
         "the client listened to the trickle for {took:?} ({written} bytes)"
     );
     worker.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 /// A 2xx whose body then stalls: Jelou may well have accepted the message, so the
@@ -830,7 +380,6 @@ async fn a_2xx_whose_body_stalls_past_the_timeout_is_not_resent() {
     assert_eq!(r["attempts"], 1, "{r}");
     assert_eq!(jelou.requests().len(), 1, "a 2xx must never be resent");
     worker.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -890,7 +439,6 @@ async fn absurd_retry_after_values_give_up_at_once_and_past_dates_do_not_wait() 
         "a Retry-After in the past made it wait {gap:?}"
     );
     worker.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -983,7 +531,6 @@ async fn oversized_and_malformed_answers_are_clean_verdicts_or_retries() {
     let grown = rss_bytes().saturating_sub(rss_before);
     assert!(grown < 256 << 20, "memory grew by {grown} bytes");
     worker.stop().await.unwrap();
-    env.cleanup().await;
 }
 
 // ---------------------------------------------------------------------------------

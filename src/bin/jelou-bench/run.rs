@@ -1,0 +1,347 @@
+//! One invocation's runs: the names each run declares, and running a child process
+//! against them while measuring it.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, anyhow};
+use jelou_worker::{
+    broker::Topology,
+    config::{AmqpSettings, AmqpUrls, Settings},
+};
+use lapin::{
+    Channel, Connection,
+    options::{ExchangeDeleteOptions, QueueDeleteOptions},
+};
+
+use crate::{
+    amqp::{Collector, connect, on_broker, prefill, settled_count, wait_consuming},
+    args::Args,
+    child::{ChildProcess, locate_worker},
+    lean_jelou::LeanJelou,
+    probes::{Clock, Memory, Probe, Sample},
+    report::{Measured, RunReport},
+    scenarios::{Mode, Pipeline, RunSpec, specs_for},
+};
+
+/// After the last expected result: time for a duplicate, if any, to arrive.
+const SETTLE: Duration = Duration::from_millis(300);
+
+/// The names of one run's queues and exchanges, unique to the bench invocation.
+pub(crate) struct Names {
+    settings: Settings,
+    pub(crate) topology: Topology,
+    /// The bench's own queue that receives every result.
+    pub(crate) collected: String,
+    /// Every jobId of the run starts with it: `b<tag>-`.
+    pub(crate) job_prefix: String,
+}
+
+impl Names {
+    fn new(tag: &str, run: &str, amqp: &AmqpSettings, prefetch: u16) -> Self {
+        let prefix = format!("bench.{tag}.{run}");
+        let settings = Settings {
+            amqp: AmqpSettings {
+                prefetch,
+                ..amqp.namespaced(&prefix)
+            },
+            ..Settings::default()
+        };
+        // The worker declares its retry and delay queues after its retry settings
+        // (the defaults, as nothing else is set): the bench declares and deletes the
+        // same ones.
+        let topology = Topology::for_settings(&settings);
+        Self {
+            topology,
+            collected: format!("{prefix}.collected"),
+            job_prefix: format!("b{tag}-"),
+            settings,
+        }
+    }
+
+    fn queues(&self) -> Vec<String> {
+        let mut queues = self.topology.queue_names();
+        queues.push(self.collected.clone());
+        queues
+    }
+
+    fn exchanges(&self) -> [&str; 2] {
+        [
+            &self.topology.result_exchange,
+            &self.topology.dead_letter_exchange,
+        ]
+    }
+
+    /// The configuration of the child, as `JELOU_WORKER__*` variables.
+    fn child_env(&self, stand_in: &LeanJelou) -> Vec<(String, String)> {
+        let a = &self.settings.amqp;
+        let url: Vec<&str> = a.url.expose().collect();
+        [
+            ("AMQP__URL", url.join(",")),
+            ("AMQP__QUEUE_TYPE", a.queue_type.as_str().to_string()),
+            ("AMQP__JOBS_QUEUE", a.jobs_queue.clone()),
+            ("AMQP__RESULT_EXCHANGE", a.result_exchange.clone()),
+            ("AMQP__DEAD_LETTER_EXCHANGE", a.dead_letter_exchange.clone()),
+            ("AMQP__DEAD_LETTER_QUEUE", a.dead_letter_queue.clone()),
+            ("AMQP__PREFETCH", a.prefetch.to_string()),
+            ("JELOU__BASE_URL", stand_in.base_url()),
+            ("JELOU__CLIENT_ID", "jelou-bench".to_string()),
+            ("JELOU__CLIENT_SECRET", "jelou-bench".to_string()),
+            // Port 0: the system picks a free one; the bench needs no metrics.
+            ("SERVER__LISTEN", "127.0.0.1:0".to_string()),
+            ("LOG__LEVEL", "warn".to_string()),
+        ]
+        .into_iter()
+        .map(|(key, value)| (format!("JELOU_WORKER__{key}"), value))
+        .collect()
+    }
+}
+
+/// What the whole invocation shares.
+pub(crate) struct Bench<'a> {
+    /// Eight hex digits unique to this invocation, in every name it declares.
+    tag: String,
+    clock: Clock,
+    pub(crate) amqp: AmqpSettings,
+    connection: Connection,
+    stand_in: &'a LeanJelou,
+    pub(crate) worker_bin: PathBuf,
+    self_exe: PathBuf,
+    pub(crate) probe: Probe,
+}
+
+impl<'a> Bench<'a> {
+    /// Connects to the broker and finds the worker's binary (building it first when run
+    /// through cargo).
+    pub(crate) async fn new(args: &Args, stand_in: &'a LeanJelou) -> anyhow::Result<Self> {
+        let mut amqp = AmqpSettings {
+            url: AmqpUrls::parse(&args.amqp_url).map_err(|e| anyhow!("--amqp-url: {e}"))?,
+            queue_type: args.queue_type,
+            ..AmqpSettings::default()
+        };
+        amqp.operation_timeout_ms = 10_000;
+        let connection = connect(&amqp).await?;
+        let worker_bin = locate_worker(args.worker_bin.as_deref())?;
+        let self_exe = std::env::current_exe().context("locating jelou-bench's own binary")?;
+        let probe = Probe::new(&amqp.url);
+        Ok(Self {
+            tag: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
+            clock: Clock(Instant::now()),
+            amqp,
+            connection,
+            stand_in,
+            worker_bin,
+            self_exe,
+            probe,
+        })
+    }
+
+    /// Runs every run of the chosen scenarios, logging each to stderr, then closes the
+    /// connection.
+    pub(crate) async fn run_all(&self, args: &Args) -> anyhow::Result<Vec<RunReport>> {
+        let mut runs = Vec::new();
+        for scenario in args.scenarios() {
+            for spec in specs_for(scenario, args) {
+                eprintln!("jelou-bench: {}: {}", spec.name, spec.describe());
+                let report = self.run(&spec).await?;
+                eprintln!("jelou-bench: {}: {}", report.name, report.summary());
+                for problem in &report.problems {
+                    eprintln!("jelou-bench: {}: PROBLEM: {problem}", report.name);
+                }
+                runs.push(report);
+            }
+        }
+        let _ = on_broker(
+            "connection.close",
+            self.connection.close(200, "benchmark done".into()),
+        )
+        .await;
+        Ok(runs)
+    }
+}
+
+impl Bench<'_> {
+    /// Runs one child and cleans up its queues and exchanges whatever happened, Ctrl-C
+    /// included (the child is killed when its handle is dropped).
+    async fn run(&self, spec: &RunSpec) -> anyhow::Result<RunReport> {
+        let names = Names::new(&self.tag, &spec.name, &self.amqp, spec.prefetch);
+        let outcome = tokio::select! {
+            report = self.measure(spec, &names) => report,
+            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+        };
+        self.clean_up(&names).await;
+        outcome
+    }
+
+    async fn measure(&self, spec: &RunSpec, names: &Names) -> anyhow::Result<RunReport> {
+        let (collector, prefill_rate) = self.prepare(spec, names).await?;
+        let channel = on_broker("channel.open", self.connection.create_channel()).await?;
+        let requests_before = self.stand_in.answered();
+        let mut child = self.spawn(spec, names)?;
+        wait_consuming(&channel, &names.topology.jobs_queue, &mut child).await?;
+        let start = self.probe.sample(child.pid(), self.clock);
+        let startup_ms = start.at_us.saturating_sub(child.spawned_us) as f64 / 1000.0;
+
+        let mut problems = Vec::new();
+        let end = self.watch(spec, &collector, &child, &mut problems).await;
+        let memory = Memory::of(child.pid());
+        if let Err(e) = child.stop().await {
+            problems.push(e);
+        }
+        let jelou_requests = self.stand_in.answered() - requests_before;
+        let left = left_in_queue(spec, &channel, names, &collector).await?;
+        let tally = collector.snapshot();
+        collector.stop().await;
+        Ok(RunReport::new(
+            spec,
+            Measured {
+                start,
+                end,
+                memory,
+                startup_ms,
+                prefill_rate,
+                left: u64::from(left),
+                jelou_requests,
+                tally,
+                problems,
+            },
+        ))
+    }
+
+    /// Declares the run's names, starts collecting results, sets the stand-in's delay
+    /// and fills the jobs queue (the jobs/s it was filled at, if it has jobs).
+    async fn prepare(
+        &self,
+        spec: &RunSpec,
+        names: &Names,
+    ) -> anyhow::Result<(Arc<Collector>, Option<f64>)> {
+        let timeout = self.amqp.operation_timeout();
+        names
+            .topology
+            .declare(&self.connection, timeout)
+            .await
+            .context("declaring the run's queues and exchanges")?;
+        let collector = Collector::start(&self.connection, names, spec.jobs, self.clock).await?;
+        self.stand_in.answer_after(spec.latency, spec.jitter_pct);
+        let prefill_rate = if spec.jobs > 0 {
+            Some(prefill(&self.connection, names, spec.jobs, self.clock).await?)
+        } else {
+            None
+        };
+        Ok((collector, prefill_rate))
+    }
+
+    /// Lets the child work (until every job has its result, or for the watch's
+    /// duration); the sample that ends the window.
+    async fn watch(
+        &self,
+        spec: &RunSpec,
+        collector: &Collector,
+        child: &ChildProcess,
+        problems: &mut Vec<String>,
+    ) -> Sample {
+        match spec.mode {
+            Mode::Drain => {
+                if let Err(stalled) = collector.wait_for(spec.jobs).await {
+                    problems.push(stalled);
+                }
+                let end = self.probe.sample(child.pid(), self.clock);
+                tokio::time::sleep(SETTLE).await;
+                end
+            }
+            Mode::Watch(duration) => {
+                tokio::time::sleep(duration).await;
+                self.probe.sample(child.pid(), self.clock)
+            }
+        }
+    }
+
+    fn spawn(&self, spec: &RunSpec, names: &Names) -> anyhow::Result<ChildProcess> {
+        let (program, args): (&Path, &[&str]) = match spec.pipeline {
+            Pipeline::Worker => (&self.worker_bin, &["run"]),
+            Pipeline::Null => (&self.self_exe, &["--null-pipeline"]),
+        };
+        let log = std::env::temp_dir().join(format!("jelou-bench-{}-{}.log", self.tag, spec.name));
+        ChildProcess::spawn(
+            program,
+            args,
+            &names.child_env(self.stand_in),
+            log,
+            self.clock,
+        )
+    }
+
+    /// Deletes what the run declared. Failures are reported, not fatal: the names are
+    /// unique to this invocation, so a leftover never disturbs another run.
+    async fn clean_up(&self, names: &Names) {
+        let queues = names.queues();
+        let items = queues
+            .iter()
+            .map(|q| (q.as_str(), true))
+            .chain(names.exchanges().into_iter().map(|e| (e, false)));
+        let mut channel: Option<Channel> = None;
+        for (name, is_queue) in items {
+            let ch = match channel.take() {
+                Some(ch) if ch.status().connected() => ch,
+                _ => match on_broker("channel.open", self.connection.create_channel()).await {
+                    Ok(ch) => ch,
+                    Err(e) => {
+                        eprintln!(
+                            "jelou-bench: warning: cannot clean up `{name}` and the rest of the run's names: {e:#}"
+                        );
+                        return;
+                    }
+                },
+            };
+            let deleted = if is_queue {
+                on_broker(
+                    "queue.delete",
+                    ch.queue_delete(name.into(), QueueDeleteOptions::default()),
+                )
+                .await
+                .map(drop)
+            } else {
+                on_broker(
+                    "exchange.delete",
+                    ch.exchange_delete(name.into(), ExchangeDeleteOptions::default()),
+                )
+                .await
+            };
+            match deleted {
+                // A timed-out channel may still get its answer later: use a new one.
+                Err(e) => eprintln!("jelou-bench: warning: could not delete `{name}`: {e:#}"),
+                Ok(()) => channel = Some(ch),
+            }
+        }
+        if let Some(ch) = channel {
+            let _ = on_broker("channel.close", ch.close(200, "cleaned up".into())).await;
+        }
+    }
+}
+
+/// The jobs left in the queue once the child is gone (whatever it did not ack is back
+/// in the queue); a watched run then also waits for the results still on their way.
+async fn left_in_queue(
+    spec: &RunSpec,
+    channel: &Channel,
+    names: &Names,
+    collector: &Collector,
+) -> anyhow::Result<u32> {
+    let left = settled_count(channel, &names.topology.jobs_queue)
+        .await
+        .context("counting the jobs left in the queue")?;
+    let _ = on_broker("channel.close", channel.close(200, "run measured".into())).await;
+    if let Mode::Watch(_) = spec.mode {
+        // Results of the jobs finished while the child stopped may still be on
+        // their way: wait until every job is accounted for (or give up).
+        collector
+            .wait_for(spec.jobs.saturating_sub(u64::from(left)))
+            .await
+            .ok();
+        tokio::time::sleep(SETTLE).await;
+    }
+    Ok(left)
+}
