@@ -51,6 +51,7 @@ pub struct Metrics {
     pub jobs_in_flight: Gauge,
     pub retries_scheduled: Family<RetryLabels, Counter>,
     pub results_unroutable: Counter,
+    pub publishes_refused: Counter,
     pub broker_connects: Counter,
     pub broker_connected: Gauge,
     pub broker_node: Family<NodeLabels, Gauge>,
@@ -119,6 +120,12 @@ impl Metrics {
             "Results the broker returned because no queue is bound to receive them",
             results_unroutable.clone(),
         );
+        let publishes_refused = Counter::default();
+        registry.register(
+            "publishes_refused",
+            "Publishes the broker refused (nack): results, dead letters or retries it could not take",
+            publishes_refused.clone(),
+        );
         let broker_connects = Counter::default();
         registry.register(
             "broker_connects",
@@ -170,6 +177,7 @@ impl Metrics {
             jobs_in_flight,
             retries_scheduled,
             results_unroutable,
+            publishes_refused,
             broker_connects,
             broker_connected,
             broker_node,

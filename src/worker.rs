@@ -58,9 +58,16 @@ pub struct Session {
 }
 
 impl Session {
-    /// Marks the session dead when `error` means its channel or connection is gone.
+    /// Marks the session dead when `error` means its channel or connection is gone,
+    /// or that the broker keeps refusing its publishes: dropping the connection hands
+    /// its unacked jobs back to the queue.
     pub fn fail(&self, error: &BrokerError) {
-        if !self.publisher.is_open() || matches!(error, BrokerError::Timeout { .. }) {
+        if !self.publisher.is_open()
+            || matches!(
+                error,
+                BrokerError::Timeout { .. } | BrokerError::Refused { .. }
+            )
+        {
             self.lost.cancel();
         }
     }
@@ -357,7 +364,9 @@ async fn set_up(
             other => other?,
         }
     }
-    let publisher = Publisher::open(connection, timeout).await?;
+    let publisher = Publisher::open(connection, timeout)
+        .await?
+        .counting_refusals(shared.metrics.publishes_refused.clone());
     let channel = bounded(timeout, "channel.open", connection.create_channel()).await?;
     let jobs = consume(&channel, &amqp.jobs_queue, tag, amqp.prefetch, timeout).await?;
     Ok((publisher, channel, jobs))
