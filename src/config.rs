@@ -100,7 +100,8 @@ pub struct AmqpSettings {
     /// AMQP heartbeat in seconds: how fast a dead or frozen broker node is noticed.
     pub heartbeat_secs: u16,
     /// Bound on every broker operation (connect, declare, publish confirm), in ms,
-    /// so that a frozen node can never hang the worker.
+    /// so that a frozen node can never hang the worker; and on how long publishes the
+    /// broker refuses (nack) are retried before the connection is dropped.
     pub operation_timeout_ms: u64,
     /// PEM file of the CA(s) that sign the broker's certificate for `amqps://`
     /// (default: the system's roots).

@@ -51,6 +51,7 @@ pub struct Metrics {
     pub(crate) jobs_in_flight: Gauge,
     pub(crate) retries_scheduled: Family<RetryLabels, Counter>,
     pub(crate) results_unroutable: Counter,
+    pub(crate) publishes_refused: Counter,
     pub(crate) broker_connects: Counter,
     pub(crate) broker_connected: Gauge,
     pub(crate) broker_node: Family<NodeLabels, Gauge>,
@@ -120,6 +121,12 @@ impl Metrics {
             "Results the broker returned because no queue is bound to receive them",
             results_unroutable.clone(),
         );
+        let publishes_refused = Counter::default();
+        registry.register(
+            "publishes_refused",
+            "Publishes the broker refused (nack): results, dead letters or retries it could not take",
+            publishes_refused.clone(),
+        );
         let broker_connects = Counter::default();
         registry.register(
             "broker_connects",
@@ -173,6 +180,7 @@ impl Metrics {
             jobs_in_flight,
             retries_scheduled,
             results_unroutable,
+            publishes_refused,
             broker_connects,
             broker_connected,
             broker_node,

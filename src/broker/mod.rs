@@ -3,9 +3,19 @@
 //! queues, and publishing with publisher confirms.
 //!
 //! Every broker operation here is bounded by `amqp.operation_timeout_ms`: a frozen
-//! node must never hang the worker (a `queue.bind` can otherwise wait a minute).
+//! node must never hang the worker (a `queue.bind` can otherwise wait a minute). A
+//! publish the broker keeps refusing (nack) is bounded by it too.
 
-use std::{future::Future, str::FromStr, time::Duration};
+use std::{
+    collections::HashMap,
+    future::Future,
+    str::FromStr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
@@ -17,6 +27,9 @@ use lapin::{
     types::{AMQPValue, FieldTable, LongString, ShortString},
     uri::AMQPUri,
 };
+use prometheus_client::metrics::counter::Counter;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{AmqpSettings, QueueType, redact_url};
 
@@ -51,6 +64,17 @@ pub enum BrokerError {
     Missing { what: String, key: &'static str },
     #[error("TLS setting {key}: {problem}")]
     Tls { key: &'static str, problem: String },
+    #[error(
+        "the broker refused (nack) a publish to exchange `{exchange}` with routing key `{routing_key}` \
+         {refusals} times over {ms} ms, and refusals there have lasted amqp.operation_timeout_ms: a queue \
+         it routes to cannot take it (full with x-overflow = reject-publish, or a quorum queue without a majority)"
+    )]
+    Refused {
+        exchange: String,
+        routing_key: String,
+        ms: u128,
+        refusals: u64,
+    },
 }
 
 impl BrokerError {
@@ -658,6 +682,7 @@ pub enum Published {
 pub struct Publisher {
     channel: Channel,
     timeout: Duration,
+    refusals: Arc<Refusals>,
 }
 
 impl Publisher {
@@ -669,7 +694,21 @@ impl Publisher {
             channel.confirm_select(ConfirmSelectOptions::default()),
         )
         .await?;
-        Ok(Self { channel, timeout })
+        Ok(Self {
+            channel,
+            timeout,
+            refusals: Arc::new(Refusals::default()),
+        })
+    }
+
+    /// Counts every refused publish (nack) in `counter` (the worker's
+    /// `jelou_worker_publishes_refused_total`).
+    pub fn counting_refusals(mut self, counter: Counter) -> Self {
+        self.refusals = Arc::new(Refusals {
+            counter: Some(counter),
+            ..Refusals::default()
+        });
+        self
     }
 
     pub fn is_open(&self) -> bool {
@@ -681,9 +720,17 @@ impl Publisher {
         let _ = tokio::time::timeout(self.timeout, self.channel.close(200, "done".into())).await;
     }
 
-    /// Publishes `mandatory` and waits for the broker's confirm. A nack (the broker
-    /// could not take the message) is retried with a growing pause, as long as the
-    /// channel lives: the caller never has to redo the work behind the message.
+    /// Publishes `mandatory` and waits for the broker's confirm.
+    ///
+    /// A nack (the broker could not take the message: a queue it routes to is full with
+    /// `x-overflow = reject-publish`, or is a quorum queue without a majority) is
+    /// retried with a growing pause, but only for `amqp.operation_timeout_ms` from the
+    /// first refusal of the episode (refusals to the same exchange and routing key, up
+    /// to a confirmed publish). Then it fails with [`BrokerError::Refused`], and so do
+    /// all publishes of this channel still waiting to retry: the caller drops the
+    /// connection, so that its unacked jobs go back to the queue instead of holding
+    /// their prefetch slots. One warning when an episode starts, one info line when it
+    /// ends or is given up; the refusals in between are only counted.
     pub async fn publish(
         &self,
         exchange: &str,
@@ -692,6 +739,26 @@ impl Publisher {
         properties: BasicProperties,
     ) -> Result<Published, BrokerError> {
         let mut pause = Duration::from_millis(50);
+        // This publish's own refusals, for its error.
+        let mut refused: Option<(Instant, u64)> = None;
+        let refused_error = |refused: Option<(Instant, u64)>| {
+            let (first, times) = refused.unwrap_or((Instant::now(), 0));
+            BrokerError::Refused {
+                exchange: exchange.to_string(),
+                routing_key: routing_key.to_string(),
+                ms: first.elapsed().as_millis(),
+                refusals: times,
+            }
+        };
+        // Once this channel gave up, its connection is being dropped: a publish that
+        // fails then fails because of the refusals, which were reported already.
+        let failed = |e: BrokerError, refused| {
+            if self.refusals.given_up.is_cancelled() {
+                refused_error(refused)
+            } else {
+                e
+            }
+        };
         loop {
             let confirm = bounded(
                 self.timeout,
@@ -707,22 +774,131 @@ impl Publisher {
                     properties.clone(),
                 ),
             )
-            .await?;
-            match bounded(self.timeout, "publisher confirm", confirm).await? {
-                Confirmation::Ack(None) | Confirmation::NotRequested => {
-                    return Ok(Published::Routed);
-                }
-                Confirmation::Ack(Some(_)) => return Ok(Published::Unroutable),
+            .await
+            .map_err(|e| failed(e, refused))?;
+            let confirmation = bounded(self.timeout, "publisher confirm", confirm)
+                .await
+                .map_err(|e| failed(e, refused))?;
+            let published = match confirmation {
+                Confirmation::Ack(None) | Confirmation::NotRequested => Published::Routed,
+                Confirmation::Ack(Some(_)) => Published::Unroutable,
                 Confirmation::Nack(_) => {
-                    tracing::warn!(
-                        exchange,
-                        routing_key,
-                        "the broker refused (nack) a publish; publishing it again"
-                    );
-                    tokio::time::sleep(pause).await;
+                    let started = self.refusals.refused(exchange, routing_key, self.timeout);
+                    refused.get_or_insert((Instant::now(), 0)).1 += 1;
+                    let give_up = || {
+                        self.refusals.give_up(exchange, routing_key);
+                        refused_error(refused)
+                    };
+                    let Some(started) = started else {
+                        return Err(give_up());
+                    };
+                    let give_up_at = started + self.timeout;
+                    let now = Instant::now();
+                    if now >= give_up_at {
+                        return Err(give_up());
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause.min(give_up_at - now)) => {}
+                        _ = self.refusals.given_up.cancelled() => return Err(give_up()),
+                    }
                     pause = (pause * 2).min(Duration::from_secs(5));
+                    continue;
                 }
-            }
+            };
+            self.refusals.confirmed(exchange, routing_key);
+            return Ok(published);
+        }
+    }
+}
+
+/// The refused publishes (nacks) of one publisher channel, by destination
+/// (exchange, routing key): an episode starts with a refusal and ends with a confirmed
+/// publish, or when this channel gives up.
+#[derive(Default)]
+struct Refusals {
+    episodes: Mutex<HashMap<(String, String), Episode>>,
+    /// Cancelled when a publish gave up: every publish waiting to retry gives up too,
+    /// at once, so that their jobs' outcomes are kept before the connection is gone.
+    given_up: CancellationToken,
+    /// False while no episode is open: what every confirmed publish checks first.
+    any: AtomicBool,
+    counter: Option<Counter>,
+}
+
+struct Episode {
+    started: Instant,
+    refusals: u64,
+}
+
+impl Refusals {
+    /// Counts a refusal; returns when its episode started, or `None` when this
+    /// channel has given up already.
+    fn refused(&self, exchange: &str, routing_key: &str, bound: Duration) -> Option<Instant> {
+        if let Some(counter) = &self.counter {
+            counter.inc();
+        }
+        let mut episodes = self.episodes.lock().expect("not poisoned");
+        // Checked under the lock that `give_up` cancels it under: a refusal that
+        // comes in while another publish gives up starts no new episode.
+        if self.given_up.is_cancelled() {
+            return None;
+        }
+        let episode = episodes
+            .entry((exchange.to_string(), routing_key.to_string()))
+            .or_insert_with(|| {
+                tracing::warn!(
+                    exchange,
+                    routing_key,
+                    give_up_after_ms = bound.as_millis() as u64,
+                    "the broker refuses publishes (nack): a queue they are routed to cannot take them; \
+                     retrying for up to amqp.operation_timeout_ms, then giving up"
+                );
+                Episode {
+                    started: Instant::now(),
+                    refusals: 0,
+                }
+            });
+        episode.refusals += 1;
+        self.any.store(true, Ordering::Relaxed);
+        Some(episode.started)
+    }
+
+    /// A publish to this destination was confirmed: its episode, if any, is over.
+    fn confirmed(&self, exchange: &str, routing_key: &str) {
+        if !self.any.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut episodes = self.episodes.lock().expect("not poisoned");
+        let ended = episodes.remove(&(exchange.to_string(), routing_key.to_string()));
+        self.any.store(!episodes.is_empty(), Ordering::Relaxed);
+        drop(episodes);
+        if let Some(e) = ended {
+            tracing::info!(
+                exchange,
+                routing_key,
+                refusals = e.refusals,
+                duration_ms = e.started.elapsed().as_millis() as u64,
+                "the broker takes publishes again"
+            );
+        }
+    }
+
+    /// Gives up on this channel (every publish waiting to retry gives up too); the
+    /// destination's episode ends here.
+    fn give_up(&self, exchange: &str, routing_key: &str) {
+        let mut episodes = self.episodes.lock().expect("not poisoned");
+        self.given_up.cancel();
+        // Absent when another publish to it already gave up and said so.
+        let ended = episodes.remove(&(exchange.to_string(), routing_key.to_string()));
+        drop(episodes);
+        if let Some(e) = ended {
+            tracing::info!(
+                exchange,
+                routing_key,
+                refusals = e.refusals,
+                duration_ms = e.started.elapsed().as_millis() as u64,
+                "gave up on refused publishes: the connection is dropped, its unfinished jobs go back to the queue"
+            );
         }
     }
 }
@@ -763,6 +939,32 @@ mod tests {
             t.delay_queue(Duration::from_secs(64)),
             "jelou.jobs.delay.64s"
         );
+    }
+
+    #[test]
+    fn refusals_make_one_episode_per_destination_until_confirmed_or_given_up() {
+        let counter = Counter::default();
+        let r = Refusals {
+            counter: Some(counter.clone()),
+            ..Refusals::default()
+        };
+        let bound = Duration::from_secs(1);
+        let first = r.refused("x", "success", bound).unwrap();
+        assert_eq!(r.refused("x", "success", bound), Some(first));
+        let other = r.refused("x", "failure", bound).unwrap();
+        assert!(other >= first);
+        // A confirm ends its destination's episode only.
+        r.confirmed("x", "success");
+        assert_eq!(r.refused("x", "failure", bound), Some(other));
+        assert!(r.refused("x", "success", bound).is_some());
+        let key = |k: &str| ("x".to_string(), k.to_string());
+        assert_eq!(r.episodes.lock().unwrap()[&key("success")].refusals, 1);
+        // Once given up, refusals are counted but start nothing.
+        r.give_up("x", "failure");
+        assert!(r.given_up.is_cancelled());
+        assert_eq!(r.refused("x", "failure", bound), None);
+        assert!(!r.episodes.lock().unwrap().contains_key(&key("failure")));
+        assert_eq!(counter.get(), 6);
     }
 
     #[test]

@@ -179,9 +179,15 @@ impl JobRun {
         progress: Progress,
         error: BrokerError,
     ) -> Ended {
-        tracing::warn!(error = %error, "could not publish the outcome; it is kept here for the job's redelivery");
-        self.session.fail(&error);
+        // Refusals are reported once per episode by the publisher, not once per job.
+        if let BrokerError::Refused { .. } = error {
+            tracing::debug!(error = %error, "the outcome could not be published; it is kept here for the job's redelivery");
+        } else {
+            tracing::warn!(error = %error, "could not publish the outcome; it is kept here for the job's redelivery");
+        }
+        // Kept before the session is failed: the redelivery must find it.
         self.keep(outcome, attempts, progress);
+        self.session.fail(&error);
         Ended::Abandoned
     }
 

@@ -94,9 +94,15 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    /// Marks the session dead when `error` means its channel or connection is gone.
+    /// Marks the session dead when `error` means its channel or connection is gone,
+    /// or that the broker keeps refusing its publishes: dropping the connection hands
+    /// its unacked jobs back to the queue.
     pub(crate) fn fail(&self, error: &BrokerError) {
-        if !self.publisher.is_open() || matches!(error, BrokerError::Timeout { .. }) {
+        let fatal = matches!(
+            error,
+            BrokerError::Timeout { .. } | BrokerError::Refused { .. }
+        );
+        if !self.publisher.is_open() || fatal {
             self.lost.cancel();
         }
     }

@@ -133,7 +133,8 @@ async fn set_up(
             other => other?,
         }
     }
-    Publisher::open(connection, timeout).await
+    let publisher = Publisher::open(connection, timeout).await?;
+    Ok(publisher.counting_refusals(shared.metrics.publishes_refused.clone()))
 }
 
 /// A consumer and the acks of its channel.

@@ -14,4 +14,5 @@ mod end_to_end;
 mod faults;
 mod hostile;
 mod operations;
+mod refused_results;
 mod tls;
