@@ -31,7 +31,8 @@ pub(crate) struct ClassLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct RetryLabels {
     /// Where the job waits: `delay_queue` (parked), `retry_queue` (checkpointed, the
-    /// rest slept by its next consumer) or `in_process` (the broker could not take it).
+    /// rest slept by its next consumer), `wait_queue` (order on: its partition's wait
+    /// queue) or `in_process` (a short wait, or the broker could not take it).
     pub(crate) mode: &'static str,
 }
 

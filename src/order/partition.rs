@@ -229,7 +229,10 @@ impl Partition {
     fn hold(&self, o: &mut Owned, d: Delivery, from_wait: bool) {
         let shared = &self.ctx.shared;
         let headers = d.properties.headers().clone();
-        let state = RetryState::from_headers(headers.as_ref());
+        // A not-before no worker could have written (beyond retry.max_elapsed_ms) is
+        // ignored, as the job's own run would: a forged one cannot park a user for ever.
+        let now = now_ms();
+        let state = RetryState::from_headers(headers.as_ref()).bounded(now, shared.policy.max_elapsed);
         let seq = headers
             .as_ref()
             .and_then(|h| int_header(h, header::SEQ))

@@ -218,6 +218,9 @@ async fn other_4xx_are_rejected_at_once_with_jelous_code() {
     });
     let mut settings = env.settings.clone();
     settings.jelou.circuit_failure_threshold = 0;
+    // All six are sent before the 401 opens the credentials circuit: the worker takes
+    // them straight from the jobs queue (order off), with no router hop in between.
+    settings.order.enabled = false;
     let worker = env.start_worker_with(settings);
     let results = by_job_id(&env.results(statuses.len(), WAIT).await);
     for s in statuses {
@@ -496,7 +499,10 @@ async fn slow_jobs_run_concurrently_up_to_prefetch() {
     env.declare().await;
     let n = 30;
     for i in 0..n {
-        env.publish(&text_job(&format!("c{i}"), "B")).await;
+        // Thirty users: one user's jobs are sent one at a time (per-user order).
+        let mut job = text_job(&format!("c{i}"), "B");
+        job["message"]["userId"] = format!("5939{i:08}").into();
+        env.publish(&job).await;
     }
     let started = Instant::now();
     let worker = env.start_worker();
@@ -600,6 +606,9 @@ async fn long_waits_park_the_job_on_a_delay_queue() {
     });
     let mut settings = env.settings.clone();
     settings.retry.park_threshold_ms = 1_000;
+    // Delay queues are where an unordered worker parks; an ordered one uses its
+    // partition's wait queue (see the order module's tests).
+    settings.order.enabled = false;
     let mut env = env;
     env.settings = settings.clone();
     env.declare().await;

@@ -135,6 +135,9 @@ async fn two_workers_share_the_queue_and_survive_one_being_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_state_survives_a_kill_while_the_job_is_parked() {
     let mut env = TestEnv::new("parkkill").await;
+    // The unordered path: what is checked here lives on the jobs, retry and delay
+    // queues (order on has its own tests in `order`).
+    env.settings.order.enabled = false;
     env.jelou
         .always(Reply::json(503, json!({"message": "down"})));
     env.settings.retry.initial_interval_ms = 2_000;
@@ -262,6 +265,9 @@ fn unacked(queue: &str) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_jobs_are_acked_around_a_running_one_which_is_not() {
     let mut env = TestEnv::new("acks").await;
+    // The unordered path: what is checked here lives on the jobs, retry and delay
+    // queues (order on has its own tests in `order`).
+    env.settings.order.enabled = false;
     let slow = Arc::new(AtomicBool::new(true));
     let slow_now = slow.clone();
     env.jelou
@@ -356,6 +362,9 @@ async fn without_a_broker_readyz_is_503_and_healthz_200() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_jobs_and_hands_back_waiting_ones() {
     let mut env = TestEnv::new("sigterm").await;
+    // The unordered path: what is checked here lives on the jobs, retry and delay
+    // queues (order on has its own tests in `order`).
+    env.settings.order.enabled = false;
     env.jelou
         .set_handler(|seen, _| match seen.json()["userId"].as_str() {
             Some("slow") => Reply::Success.after(Duration::from_millis(1500)),
@@ -425,6 +434,9 @@ async fn sigterm_finishes_in_flight_jobs_and_hands_back_waiting_ones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once_and_the_job_returns_to_the_queue() {
     let mut env = TestEnv::new("sigtwice").await;
+    // The unordered path: what is checked here lives on the jobs, retry and delay
+    // queues (order on has its own tests in `order`).
+    env.settings.order.enabled = false;
     env.jelou
         .always(Reply::Success.after(Duration::from_secs(60)));
     env.settings.jelou.request_timeout_ms = 120_000;
@@ -448,6 +460,9 @@ async fn a_second_signal_exits_at_once_and_the_job_returns_to_the_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_opens_the_circuit_instead_of_burning_the_backlog() {
     let mut env = TestEnv::new("circuit").await;
+    // Thirty jobs of one user in flight at once (order off): with order on they go
+    // one at a time, and the first exhausts its attempts before the threshold.
+    env.settings.order.enabled = false;
     let down = Arc::new(AtomicBool::new(true));
     let flag = down.clone();
     env.jelou.set_handler(move |_, _| {
@@ -566,11 +581,15 @@ async fn a_429_pauses_its_bot_and_the_rate_limit_spaces_sends() {
     env.publish(&text_job("a-0", "A")).await;
     let mut daemon = Daemon::start(&env.settings).await;
     // Once the 429 has been handled (its retry scheduled), more jobs for both bots.
+    // (Its retry waits in the retry queue with order off, in its partition's wait
+    // queue with order on.)
     eventually("the 429 to be handled", WAIT, || async {
-        daemon
-            .metric(r#"jelou_worker_retries_scheduled_total{mode="retry_queue"}"#)
-            .await
-            == Some(1.0)
+        let mut scheduled = 0.0;
+        for mode in ["retry_queue", "wait_queue"] {
+            let name = format!(r#"jelou_worker_retries_scheduled_total{{mode="{mode}"}}"#);
+            scheduled += daemon.metric(&name).await.unwrap_or(0.0);
+        }
+        scheduled == 1.0
     })
     .await;
     for i in 1..4 {
@@ -625,6 +644,9 @@ async fn a_429_pauses_its_bot_and_the_rate_limit_spaces_sends() {
 /// after `amqp.max_deliveries` redeliveries the job ends with `delivery_limit`.
 async fn poison(queue_type: QueueType, name: &str) {
     let mut env = TestEnv::with_queue_type(name, queue_type).await;
+    // The unordered path: what is checked here lives on the jobs, retry and delay
+    // queues (order on has its own tests in `order`).
+    env.settings.order.enabled = false;
     env.jelou
         .always(Reply::Success.after(Duration::from_secs(300)));
     env.settings.jelou.request_timeout_ms = 600_000;

@@ -14,5 +14,6 @@ mod end_to_end;
 mod faults;
 mod hostile;
 mod operations;
+mod order;
 mod refused_results;
 mod tls;

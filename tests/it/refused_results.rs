@@ -40,6 +40,8 @@ const RECONNECTING: &str = "lost the broker; reconnecting";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_results_hand_the_jobs_back_and_are_sent_once() {
     let mut env = TestEnv::new("refused").await;
+    // Eight results in flight at once: eight independent jobs (order off).
+    env.settings.order.enabled = false;
     env.settings.amqp.operation_timeout_ms = BOUND.as_millis() as u64;
     env.settings.amqp.prefetch = PREFETCH;
     env.declare().await;

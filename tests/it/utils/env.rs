@@ -253,6 +253,9 @@ fn test_settings(name: &str, queue_type: QueueType, jelou: &StandIn) -> Settings
     settings.retry.park_threshold_ms = 5_000;
     settings.server.listen = "127.0.0.1:0".parse().unwrap();
     settings.shutdown.grace_period_ms = 5_000;
+    // Fewer partitions than the default: each is two quorum queues to declare and
+    // delete per test. The order tests that need more say so.
+    settings.order.partitions = 4;
     settings
 }
 
