@@ -232,7 +232,8 @@ impl Partition {
         // A not-before no worker could have written (beyond retry.max_elapsed_ms) is
         // ignored, as the job's own run would: a forged one cannot park a user for ever.
         let now = now_ms();
-        let state = RetryState::from_headers(headers.as_ref()).bounded(now, shared.policy.max_elapsed);
+        let state =
+            RetryState::from_headers(headers.as_ref()).bounded(now, shared.policy.max_elapsed);
         let seq = headers
             .as_ref()
             .and_then(|h| int_header(h, header::SEQ))

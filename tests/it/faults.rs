@@ -18,35 +18,6 @@ use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Reads results until every id in `ids` has at least one; returns them all by jobId.
-async fn results_for(
-    env: &TestEnv,
-    ids: &[String],
-    timeout: Duration,
-) -> HashMap<String, Vec<Value>> {
-    let mut by_id: HashMap<String, Vec<Value>> = HashMap::new();
-    let deadline = tokio::time::Instant::now() + timeout;
-    while ids.iter().any(|id| !by_id.contains_key(id)) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "missing results for {:?}",
-            ids.iter()
-                .filter(|id| !by_id.contains_key(*id))
-                .take(10)
-                .collect::<Vec<_>>()
-        );
-        for r in env.drain(&env.results_queue.clone()).await {
-            let v = r.json();
-            by_id
-                .entry(v["jobId"].as_str().unwrap().to_string())
-                .or_default()
-                .push(v);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    by_id
-}
-
 /// Adds whatever results are still queued (after the workers stopped) to `by_id`.
 async fn drain_rest(env: &TestEnv, by_id: &mut HashMap<String, Vec<Value>>) {
     for r in env.drain(&env.results_queue.clone()).await {

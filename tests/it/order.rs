@@ -38,14 +38,24 @@ fn bot_of(s: &Seen) -> &str {
 
 /// `"u3-m07"` → 7: the position of a job in its user's conversation.
 fn position(id: &str) -> usize {
-    id.rsplit('m').next().and_then(|n| n.parse().ok()).unwrap_or(usize::MAX)
+    id.rsplit('m')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(usize::MAX)
 }
 
 /// Asserts each user's jobs reached Jelou in conversation order, and each once.
 fn assert_in_order_once(seen: &[Seen], users: &[String], per_user: usize) {
     for user in users {
-        let sent: Vec<usize> = sends_to(seen, user).iter().map(|(id, _)| position(id)).collect();
-        assert_eq!(sent, (0..per_user).collect::<Vec<_>>(), "user {user}: {sent:?}");
+        let sent: Vec<usize> = sends_to(seen, user)
+            .iter()
+            .map(|(id, _)| position(id))
+            .collect();
+        assert_eq!(
+            sent,
+            (0..per_user).collect::<Vec<_>>(),
+            "user {user}: {sent:?}"
+        );
     }
 }
 
@@ -75,7 +85,12 @@ async fn one_users_conversation_is_sent_in_order_one_message_at_a_time() {
     // The next message is posted only after Jelou answered the previous one.
     for pair in sends.windows(2) {
         let gap = pair[1].1 - pair[0].1;
-        assert!(gap >= latency, "{} was posted {gap:?} after {}", pair[1].0, pair[0].0);
+        assert!(
+            gap >= latency,
+            "{} was posted {gap:?} after {}",
+            pair[1].0,
+            pair[0].0
+        );
     }
     worker.stop().await.unwrap();
 }
@@ -91,15 +106,27 @@ async fn failing_attempts_keep_a_conversation_in_order() {
         let mut attempts = counted.lock().unwrap();
         let n = attempts.entry(text).or_default();
         *n += 1;
-        if *n <= 2 { Reply::status(503) } else { Reply::Success }
+        if *n <= 2 {
+            Reply::status(503)
+        } else {
+            Reply::Success
+        }
     });
     env.declare().await;
     let users = publish_conversations(&env, 1, 5).await;
     let worker = env.start_worker();
     let results = by_job_id(&env.results(5, WAIT).await);
-    assert!(results.values().all(|r| r["status"] == "success" && r["attempts"] == 3), "{results:?}");
+    assert!(
+        results
+            .values()
+            .all(|r| r["status"] == "success" && r["attempts"] == 3),
+        "{results:?}"
+    );
     // Every attempt of message k came before any attempt of message k + 1.
-    let order: Vec<usize> = sends_to(&env.jelou.seen(), &users[0]).iter().map(|(id, _)| position(id)).collect();
+    let order: Vec<usize> = sends_to(&env.jelou.seen(), &users[0])
+        .iter()
+        .map(|(id, _)| position(id))
+        .collect();
     assert_eq!(order, [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]);
     worker.stop().await.unwrap();
 }
@@ -128,10 +155,22 @@ async fn a_job_waiting_for_its_retry_holds_back_only_its_user() {
     let worker = env.start_worker_with(settings);
     // User B's three messages finish while A's first waits for its retry.
     let b_done = env.results(3, WAIT).await;
-    assert!(b_done.iter().all(|r| r.json()["userId"] == users[1].as_str()), "only B finished first");
-    assert!(started.elapsed() < Duration::from_millis(1_900), "B was held back: {:?}", started.elapsed());
+    assert!(
+        b_done
+            .iter()
+            .all(|r| r.json()["userId"] == users[1].as_str()),
+        "only B finished first"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(1_900),
+        "B was held back: {:?}",
+        started.elapsed()
+    );
     assert_eq!(env.results(3, WAIT).await.len(), 3);
-    let a: Vec<usize> = sends_to(&env.jelou.seen(), &users[0]).iter().map(|(id, _)| position(id)).collect();
+    let a: Vec<usize> = sends_to(&env.jelou.seen(), &users[0])
+        .iter()
+        .map(|(id, _)| position(id))
+        .collect();
     assert_eq!(a, [0, 0, 1, 2]);
     worker.stop().await.unwrap();
 }
@@ -147,7 +186,9 @@ async fn a_later_message_fails_at_its_own_deadline_behind_a_waiting_one() {
     env.declare().await;
     env.publish(&job("first", "B", "5931")).await;
     let mut second = job("second", "B", "5931");
-    second["deadline"] = (chrono::Utc::now() + chrono::Duration::seconds(3)).to_rfc3339().into();
+    second["deadline"] = (chrono::Utc::now() + chrono::Duration::seconds(3))
+        .to_rfc3339()
+        .into();
     env.publish(&second).await;
     let worker = env.start_worker_with(settings);
     let r = env.result().await.json();
@@ -169,9 +210,16 @@ async fn with_order_off_one_users_messages_run_concurrently() {
     let started = Instant::now();
     let worker = env.start_worker();
     assert_eq!(env.results(12, WAIT).await.len(), 12);
-    assert!(started.elapsed() < latency * 6, "took {:?}: not concurrent", started.elapsed());
+    assert!(
+        started.elapsed() < latency * 6,
+        "took {:?}: not concurrent",
+        started.elapsed()
+    );
     let sends = sends_to(&env.jelou.seen(), &users[0]);
-    assert!(sends.windows(2).any(|p| p[1].1 - p[0].1 < latency), "no two were in flight together");
+    assert!(
+        sends.windows(2).any(|p| p[1].1 - p[0].1 < latency),
+        "no two were in flight together"
+    );
     worker.stop().await.unwrap();
 }
 
@@ -188,12 +236,17 @@ async fn user_pacing_spaces_one_users_messages_and_only_theirs() {
     for user in &users {
         let sends = sends_to(&seen, user);
         for pair in sends.windows(2) {
-            assert!(pair[1].1 - pair[0].1 >= Duration::from_millis(690), "{user}: {:?}", pair[1].1 - pair[0].1);
+            assert!(
+                pair[1].1 - pair[0].1 >= Duration::from_millis(690),
+                "{user}: {:?}",
+                pair[1].1 - pair[0].1
+            );
         }
     }
     // The two users were paced side by side, not one after the other.
     let first_of = |u: &String| sends_to(&seen, u)[0].1;
-    let apart = first_of(&users[1]).max(first_of(&users[0])) - first_of(&users[1]).min(first_of(&users[0]));
+    let apart =
+        first_of(&users[1]).max(first_of(&users[0])) - first_of(&users[1]).min(first_of(&users[0]));
     assert!(apart < Duration::from_millis(500), "{apart:?}");
     worker.stop().await.unwrap();
 }
@@ -217,27 +270,38 @@ async fn head_of_line(name: &str, order: bool, paced: bool) {
     }
     env.declare().await;
     for i in 0..60 {
-        env.publish(&job(&format!("a{i}"), "A", &format!("5932{i:04}"))).await;
+        env.publish(&job(&format!("a{i}"), "A", &format!("5932{i:04}")))
+            .await;
     }
     for i in 0..5 {
-        env.publish(&job(&format!("b{i}"), "B", &format!("5933{i:04}"))).await;
+        env.publish(&job(&format!("b{i}"), "B", &format!("5933{i:04}")))
+            .await;
     }
     let started = Instant::now();
     let worker = env.start_worker();
-    eventually("bot B's five jobs to be sent", Duration::from_secs(8), || async {
-        env.jelou.seen().iter().filter(|s| bot_of(s) == "B").count() == 5
-    })
+    eventually(
+        "bot B's five jobs to be sent",
+        Duration::from_secs(8),
+        || async { env.jelou.seen().iter().filter(|s| bot_of(s) == "B").count() == 5 },
+    )
     .await;
     let b_took = started.elapsed();
     let seen = env.jelou.seen();
     let a: Vec<&Seen> = seen.iter().filter(|s| bot_of(s) == "A").collect();
     if paced {
         // 2/s: no two of A's requests closer than the spacing (less timer slack).
-        assert!(a.windows(2).all(|p| p[1].at - p[0].at >= Duration::from_millis(450)), "A was not paced");
+        assert!(
+            a.windows(2)
+                .all(|p| p[1].at - p[0].at >= Duration::from_millis(450)),
+            "A was not paced"
+        );
     } else {
         // Only requests already on their way when the first 429 came back: none later.
         let first = a[0].at;
-        assert!(a.iter().all(|s| s.at - first < Duration::from_millis(500)), "A was sent to inside its Retry-After");
+        assert!(
+            a.iter().all(|s| s.at - first < Duration::from_millis(500)),
+            "A was sent to inside its Retry-After"
+        );
     }
     assert!(b_took < Duration::from_secs(8), "B's jobs took {b_took:?}");
     worker.stop().await.unwrap();
@@ -262,7 +326,8 @@ async fn order_off_a_bot_paused_by_429_does_not_hold_back_another_bot() {
 async fn three_workers_on_a_backlog_share_it_and_keep_every_conversation_in_order() {
     let mut env = TestEnv::new("fleet").await;
     env.settings.order.partitions = 8;
-    env.jelou.always(Reply::Success.after(Duration::from_millis(100)));
+    env.jelou
+        .always(Reply::Success.after(Duration::from_millis(100)));
     env.declare().await;
     // 30 conversations of 30 messages: each takes at least 3 s (one at a time).
     let users = publish_conversations(&env, 30, 30).await;
@@ -287,7 +352,8 @@ async fn three_workers_on_a_backlog_share_it_and_keep_every_conversation_in_orde
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_stopped_mid_conversation_hands_its_users_over_in_order() {
     let env = TestEnv::new("handover").await;
-    env.jelou.always(Reply::Success.after(Duration::from_millis(50)));
+    env.jelou
+        .always(Reply::Success.after(Duration::from_millis(50)));
     env.declare().await;
     let users = publish_conversations(&env, 20, 20).await;
     let mut first = Daemon::start(&env.settings).await;
@@ -308,7 +374,8 @@ async fn a_worker_stopped_mid_conversation_hands_its_users_over_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_conversation_loses_nothing_and_later_messages_stay_behind() {
     let env = TestEnv::new("orderkill").await;
-    env.jelou.always(Reply::Success.after(Duration::from_millis(50)));
+    env.jelou
+        .always(Reply::Success.after(Duration::from_millis(50)));
     env.declare().await;
     let users = publish_conversations(&env, 10, 10).await;
     let killed = Daemon::start(&env.settings).await;
@@ -321,15 +388,32 @@ async fn a_worker_killed_mid_conversation_loses_nothing_and_later_messages_stay_
             env.publish(&job(&format!("u{u}-m{m:02}"), "B", user)).await;
         }
     }
-    let results = env.results(150, WAIT).await;
-    assert_eq!(by_job_id(&results).len(), 150, "a job was lost");
+    let ids: Vec<String> = (0..15)
+        .flat_map(|m| (0..10).map(move |u| format!("u{u}-m{m:02}")))
+        .collect();
+    // Every job gets a result (a job in flight at the crash may get two).
+    let results = results_for(&env, &ids, WAIT).await;
+    assert_eq!(results.len(), 150);
     let seen = env.jelou.seen();
     for user in &users {
-        let sent: Vec<usize> = sends_to(&seen, user).iter().map(|(id, _)| position(id)).collect();
-        let first_late = sent.iter().position(|p| *p >= 10).expect("late messages sent");
-        assert!(sent[..first_late].iter().all(|p| *p < 10), "{user}: {sent:?}");
+        let sent: Vec<usize> = sends_to(&seen, user)
+            .iter()
+            .map(|(id, _)| position(id))
+            .collect();
+        let first_late = sent
+            .iter()
+            .position(|p| *p >= 10)
+            .expect("late messages sent");
+        assert!(
+            sent[..first_late].iter().all(|p| *p < 10),
+            "{user}: {sent:?}"
+        );
         let late: Vec<usize> = sent[first_late..].to_vec();
-        assert_eq!(late, (10..15).collect::<Vec<_>>(), "{user}: messages written after the crash out of order");
+        assert_eq!(
+            late,
+            (10..15).collect::<Vec<_>>(),
+            "{user}: messages written after the crash out of order"
+        );
         for m in 0..10 {
             let n = sent.iter().filter(|p| **p == m).count();
             assert!((1..=2).contains(&n), "{user}: message {m} sent {n} times");

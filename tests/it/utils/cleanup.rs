@@ -27,7 +27,12 @@ impl Leftovers {
         ordered.order.enabled = true;
         ordered.order.partitions = ordered.order.partitions.max(16);
         let ordered = jelou_worker::broker::Topology::for_settings(&ordered);
-        queues.extend(ordered.queue_names().into_iter().filter(|q| q.contains(".order.")));
+        queues.extend(
+            ordered
+                .queue_names()
+                .into_iter()
+                .filter(|q| q.contains(".order.")),
+        );
         queues.push(env.results_queue.clone());
         // A worker started with other retry settings than `env.settings` may have
         // declared other delay queues: every power of two a test could produce.

@@ -72,7 +72,10 @@ pub fn env_for(settings: &Settings) -> Vec<(String, String)> {
         ("RETRY__PARK_THRESHOLD_MS", r.park_threshold_ms.to_string()),
         ("ORDER__ENABLED", settings.order.enabled.to_string()),
         ("ORDER__PARTITIONS", settings.order.partitions.to_string()),
-        ("ORDER__WAIT_BOUND_MS", settings.order.wait_bound_ms.to_string()),
+        (
+            "ORDER__WAIT_BOUND_MS",
+            settings.order.wait_bound_ms.to_string(),
+        ),
         (
             "ORDER__USER_MIN_INTERVAL_MS",
             settings.order.user_min_interval_ms.to_string(),

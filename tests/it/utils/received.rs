@@ -1,6 +1,6 @@
 //! Messages read back from the broker, and the jobs tests publish.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use lapin::{BasicProperties, message::Delivery, types::AMQPValue};
 use serde_json::Value;
@@ -69,4 +69,33 @@ pub fn text_job(job_id: &str, bot: &str) -> Value {
         "botId": bot,
         "message": {"type": "text", "userId": "593987654321", "text": "Hello"}
     })
+}
+
+/// Reads results until every id in `ids` has at least one; returns them all by jobId.
+pub async fn results_for(
+    env: &super::TestEnv,
+    ids: &[String],
+    timeout: Duration,
+) -> HashMap<String, Vec<Value>> {
+    let mut by_id: HashMap<String, Vec<Value>> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while ids.iter().any(|id| !by_id.contains_key(id)) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "missing results for {:?}",
+            ids.iter()
+                .filter(|id| !by_id.contains_key(*id))
+                .take(10)
+                .collect::<Vec<_>>()
+        );
+        for r in env.drain(&env.results_queue.clone()).await {
+            let v = r.json();
+            by_id
+                .entry(v["jobId"].as_str().unwrap().to_string())
+                .or_default()
+                .push(v);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    by_id
 }
