@@ -36,7 +36,7 @@ use crate::{
     acks::Acks,
     broker::{BrokerError, Published},
     config::QueueType,
-    job::{Job, RetryState, header, int_header, parse_job},
+    job::{Job, RetryState, header, int_header, parse_job_with},
     outcome::{Attempt, AttemptFailure, ErrorKind, JobFailure, JobOutcome},
     result::{ResultFor, result_body},
     retry::RetryDecision,
@@ -69,7 +69,7 @@ pub async fn process(
     stops: Stops,
 ) {
     shared.metrics.jobs_in_flight.inc();
-    let parsed = parse_job(
+    let parsed = parse_job_with(
         &delivery.data,
         delivery
             .properties
@@ -77,6 +77,7 @@ pub async fn process(
             .as_ref()
             .map(ShortString::as_str),
         shared.settings.amqp.max_job_bytes,
+        shared.settings.jelou.validate_messages,
     );
     let ident = match &parsed {
         Ok(job) => Ident {
@@ -217,7 +218,7 @@ impl JobRun {
             state.not_before_ms = None;
             let sent_at = tokio::time::Instant::now();
             let attempt = tokio::select! {
-                a = self.shared.jelou.send(&job.bot_id, body.clone()) => a,
+                a = self.shared.jelou.send_job(&job, body.clone()) => a,
                 _ = self.stops.hard.cancelled() => {
                     tracing::warn!("grace period over during an attempt: the job goes back to the queue");
                     return;

@@ -281,7 +281,7 @@ async fn hostile_jobs_get_the_contracts_answer_and_the_worker_keeps_working() {
     // ignored field, and as the whole body.
     let depth = 100_000;
     let deep_message = format!(
-        r#"{{"type":"text","userId":"u","x":{}{}}}"#,
+        r#"{{"type":"text","userId":"u","text":"deep","x":{}{}}}"#,
         "[".repeat(depth),
         "]".repeat(depth)
     );
@@ -289,7 +289,7 @@ async fn hostile_jobs_get_the_contracts_answer_and_the_worker_keeps_working() {
     verbatim.push(("deep-msg", deep_message));
     cases.push(case("deep-msg", body, "success"));
     let body = format!(
-        r#"{{"jobId":"deep-extra","botId":"B","extra":{}1{},"message":{{"type":"text","userId":"u"}}}}"#,
+        r#"{{"jobId":"deep-extra","botId":"B","extra":{}1{},"message":{{"type":"text","userId":"u","text":"t"}}}}"#,
         "{\"a\":".repeat(depth / 5),
         "}".repeat(depth / 5)
     );
@@ -488,13 +488,12 @@ async fn hostile_jobs_get_the_contracts_answer_and_the_worker_keeps_working() {
 
     // jobIds that a correlation_id cannot hold (800 bytes), or that hold a NUL.
     let wide = "🦀".repeat(200);
-    let body = json!({"jobId": wide, "botId": "B", "message": {"type": "text", "userId": "u"}});
+    let body = json!({"jobId": wide, "botId": "B", "message": {"type": "text", "userId": "u", "text": "t"}});
     cases.push(Case {
         result_id: wide.clone(),
         ..case("wide-id", body.to_string(), "success")
     });
-    let body =
-        json!({"jobId": "a\u{0}b", "botId": "B", "message": {"type": "text", "userId": "u"}});
+    let body = json!({"jobId": "a\u{0}b", "botId": "B", "message": {"type": "text", "userId": "u", "text": "t"}});
     cases.push(Case {
         result_id: "a\u{0}b".into(),
         ..case("nul-id", body.to_string(), "success")
