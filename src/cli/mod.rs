@@ -5,3 +5,4 @@ pub mod demo;
 pub mod dlq;
 pub mod enqueue;
 pub mod probe;
+pub mod validate;
