@@ -299,10 +299,10 @@ async fn hostile_jobs_get_the_contracts_answer_and_the_worker_keeps_working() {
     cases.push(case("deep-unclosed", "[".repeat(max), "invalid_job"));
 
     // A huge string: exactly amqp.max_job_bytes is processed (and sent intact); one
-    // byte more is invalid.
+    // byte more is invalid. (In a field of its own: `text` has WhatsApp's limit.)
     let frame = |id: &str, text: &str| {
         format!(
-            r#"{{"jobId":"{id}","botId":"B","message":{{"type":"text","userId":"u","text":"{text}"}}}}"#
+            r#"{{"jobId":"{id}","botId":"B","message":{{"type":"text","userId":"u","text":"t","pad":"{text}"}}}}"#
         )
     };
     let room = max - frame("huge-at-max", "").len();
@@ -311,7 +311,7 @@ async fn hostile_jobs_get_the_contracts_answer_and_the_worker_keeps_working() {
     assert_eq!(body.len(), max);
     verbatim.push((
         "huge-at-max",
-        format!(r#"{{"type":"text","userId":"u","text":"{text}"}}"#),
+        format!(r#"{{"type":"text","userId":"u","text":"t","pad":"{text}"}}"#),
     ));
     cases.push(case("huge-at-max", body, "success"));
     let body = frame("huge-over-1", &format!("{text}a"));
