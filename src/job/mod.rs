@@ -301,14 +301,27 @@ fn read_deadline(raw: Option<&RawValue>) -> Result<Option<DateTime<Utc>>, String
 /// (nor warned about), so a producer inventing types cannot grow the set.
 const MAX_UNKNOWN_TYPES_WARNED: usize = 64;
 
-/// Logs once per process, at warn, each message type the worker has no rules for.
-fn warn_unknown_type(t: &str) {
-    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+/// Unknown types already warned about in this process.
+static UNKNOWN_TYPES_WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Whether `t` is an unknown type not yet warned about (and there is room to
+/// remember it); remembers it.
+fn first_sighting(t: &str) -> bool {
+    let mut seen = UNKNOWN_TYPES_WARNED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     if seen.len() >= MAX_UNKNOWN_TYPES_WARNED || seen.iter().any(|s| s == t) {
-        return;
+        return false;
     }
     seen.push(t.to_string());
+    true
+}
+
+/// Logs once per process, at warn, each message type the worker has no rules for.
+fn warn_unknown_type(t: &str) {
+    if !first_sighting(t) {
+        return;
+    }
     let shown: String = t.chars().take(64).collect();
     tracing::warn!(
         message_type = %shown,
@@ -723,6 +736,18 @@ mod tests {
         assert_eq!(job.unchecked_type.as_deref(), Some("poll"));
         let job = ok(r#"{"botId":"B","message":{"type":"text","userId":"u","text":"x"}}"#);
         assert_eq!(job.unchecked_type, None);
+    }
+
+    #[test]
+    fn unknown_types_are_warned_about_once_each_in_a_bounded_set() {
+        first_sighting("once-only-type");
+        assert!(!first_sighting("once-only-type"));
+        for i in 0..2 * MAX_UNKNOWN_TYPES_WARNED {
+            first_sighting(&format!("invented-{i}"));
+        }
+        let seen = UNKNOWN_TYPES_WARNED.lock().unwrap().len();
+        assert_eq!(seen, MAX_UNKNOWN_TYPES_WARNED);
+        assert!(!first_sighting("one-more"));
     }
 
     #[test]
