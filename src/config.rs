@@ -172,6 +172,11 @@ pub struct JelouSettings {
     pub circuit_probe_interval_ms: u64,
     /// Longest wait between probes while the circuit is open, in ms.
     pub circuit_max_probe_interval_ms: u64,
+    /// Check every message (and template) against Jelou's documented rules before
+    /// sending it; a job that breaks one fails at once with `invalid_job`. Turn off
+    /// for the day Jelou changes a rule before the worker follows: then only `type`
+    /// and `userId` (and a template job's shape) are checked.
+    pub validate_messages: bool,
 }
 
 impl Default for JelouSettings {
@@ -188,6 +193,7 @@ impl Default for JelouSettings {
             circuit_failure_threshold: 20,
             circuit_probe_interval_ms: 1_000,
             circuit_max_probe_interval_ms: 60_000,
+            validate_messages: true,
         }
     }
 }

@@ -1,4 +1,5 @@
-//! The HTTP client for Jelou's `POST /v1/bots/{botId}/messages`.
+//! The HTTP client for Jelou's `POST /v1/bots/{botId}/messages`, and for template
+//! jobs its HSM send, `POST /v2/whatsapp/{botId}/hsm`.
 //!
 //! Built on hyper directly rather than reqwest: reqwest parses every URL with the
 //! WHATWG rules of the `url` crate, which turn a `%2E%2E` path segment back into `..`
@@ -24,7 +25,8 @@ use secrecy::ExposeSecret;
 
 use crate::{
     config::JelouSettings,
-    outcome::{Attempt, AttemptFailure, classify_response},
+    job::{Job, JobKind},
+    outcome::{Attempt, AttemptFailure, classify_hsm_response, classify_response},
 };
 
 /// Why the client could not be built.
@@ -128,10 +130,45 @@ impl JelouClient {
         )
     }
 
-    /// Makes one attempt: posts `body` for `bot_id` and classifies the answer.
+    /// The URL a template job for `bot_id` is posted to (Jelou's HSM send).
+    pub fn hsm_url(&self, bot_id: &str) -> String {
+        format!(
+            "{}/v2/whatsapp/{}/hsm",
+            self.inner.base,
+            encode_segment(bot_id)
+        )
+    }
+
+    /// Makes one attempt for `job`: posts `body` (the job's request body) to the
+    /// endpoint of its kind and classifies the answer.
+    pub async fn send_job(&self, job: &Job, body: Bytes) -> Attempt {
+        match job.kind {
+            JobKind::Message => self.send(&job.bot_id, body).await,
+            JobKind::Template => {
+                let deadline = tokio::time::Instant::now() + self.inner.timeout;
+                let url = self.hsm_url(&job.bot_id);
+                match self.exchange(&url, body, deadline).await {
+                    Ok((status, retry_after, answer)) => classify_hsm_response(
+                        status,
+                        retry_after.as_deref(),
+                        &answer,
+                        &job.user_id,
+                        std::time::SystemTime::now(),
+                    ),
+                    Err(failure) => Attempt::Failed(failure),
+                }
+            }
+        }
+    }
+
+    /// Makes one attempt: posts `body` as a message for `bot_id` and classifies the
+    /// answer.
     pub async fn send(&self, bot_id: &str, body: Bytes) -> Attempt {
         let deadline = tokio::time::Instant::now() + self.inner.timeout;
-        match self.exchange(bot_id, body, deadline).await {
+        match self
+            .exchange(&self.message_url(bot_id), body, deadline)
+            .await
+        {
             Ok((status, retry_after, body)) => classify_response(
                 status,
                 retry_after.as_deref(),
@@ -155,12 +192,11 @@ impl JelouClient {
     /// accepted the message, so it must not be resent.
     async fn exchange(
         &self,
-        bot_id: &str,
+        url: &str,
         body: Bytes,
         deadline: tokio::time::Instant,
     ) -> Result<(u16, Option<String>, Vec<u8>), AttemptFailure> {
-        let uri: Uri = self
-            .message_url(bot_id)
+        let uri: Uri = url
             .parse()
             .map_err(|e| AttemptFailure::transport(format!("cannot build the request URL: {e}")))?;
         let request = Request::builder()
@@ -419,6 +455,12 @@ mod tests {
             client.message_url(".."),
             "http://127.0.0.1:1/api/v1/bots/%2E%2E/messages"
         );
+        assert_eq!(
+            client.hsm_url(".."),
+            "http://127.0.0.1:1/api/v2/whatsapp/%2E%2E/hsm"
+        );
+        let uri: Uri = client.hsm_url("a/b").parse().unwrap();
+        assert_eq!(uri.path(), "/api/v2/whatsapp/a%2Fb/hsm");
         let uri: Uri = client.message_url("a/b?c#d").parse().unwrap();
         assert_eq!(uri.path(), "/api/v1/bots/a%2Fb%3Fc%23d/messages");
         assert_eq!(uri.query(), None);

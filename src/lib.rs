@@ -1,12 +1,13 @@
 //! jelou-worker: consumes message jobs from RabbitMQ, sends each to Jelou
-//! (`POST /v1/bots/{botId}/messages`) with retries, and publishes the outcome.
+//! (`POST /v1/bots/{botId}/messages`, or a template to `POST /v2/whatsapp/{botId}/hsm`)
+//! with retries, and publishes the outcome.
 //!
 //! Read the modules in this order; the pure ones are tested without any I/O.
 //!
 //! | module | concern |
 //! |---|---|
 //! | [`config`] | every configuration key, layered and validated |
-//! | [`job`] | reading a job, and the retry state kept in its headers (pure) |
+//! | [`job`] | reading a job (message or template), Jelou's rules per message type, and the retry state kept in its headers (pure) |
 //! | [`outcome`] | what an attempt and a job came to; classifying Jelou's answers (pure) |
 //! | [`retry`] | the backoff schedule and `Retry-After` (pure) |
 //! | [`result`] | the result message (pure) |

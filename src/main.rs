@@ -30,16 +30,26 @@ enum Command {
     Run,
     /// Publish jobs to the jobs queue (with confirms) and print their jobIds.
     Enqueue {
-        /// The botId of a text job given by flags.
-        #[arg(long, requires_all = ["user", "text"], conflicts_with = "file")]
+        /// The botId of a job given by flags (with --text, or --template).
+        #[arg(long, requires = "user", conflicts_with = "file")]
         bot: Option<String>,
-        /// The userId (recipient) of a text job given by flags.
+        /// The userId (recipient) of a job given by flags.
         #[arg(long, requires = "bot")]
         user: Option<String>,
         /// The text of a text job given by flags.
-        #[arg(long, requires = "bot")]
+        #[arg(long, requires = "bot", conflicts_with = "template")]
         text: Option<String>,
-        /// The jobId of a text job given by flags (default: generated).
+        /// The name (elementName) of an approved WhatsApp template: a template (HSM) job,
+        /// which may be sent outside the 24-hour window.
+        #[arg(long, value_name = "NAME", requires_all = ["bot", "language"])]
+        template: Option<String>,
+        /// The template's language, e.g. `es` (with --template).
+        #[arg(long, requires = "template")]
+        language: Option<String>,
+        /// A value for the template's next placeholder (repeatable, in order).
+        #[arg(long = "param", value_name = "V", requires = "template")]
+        params: Vec<String>,
+        /// The jobId of a job given by flags (default: generated).
         #[arg(long, requires = "bot")]
         job_id: Option<String>,
         /// Read jobs as JSON, one per line, from this file (`-`: stdin, the default).
@@ -48,6 +58,13 @@ enum Command {
     },
     /// See the whole system work on this machine, without Jelou credentials.
     Demo,
+    /// Check jobs (JSON lines from a file or stdin) as the worker would, without a
+    /// broker: prints each invalid line's number and reason; non-zero if any.
+    Validate {
+        /// The jobs file (`-` or nothing: stdin).
+        #[arg(value_name = "PATH")]
+        file: Option<PathBuf>,
+    },
     /// Inspect or replay the dead-letter queue.
     Dlq {
         #[command(subcommand)]
@@ -127,7 +144,9 @@ fn main() -> ExitCode {
     };
     match cli.command {
         // The demo talks to a person: readable output, only problems logged.
-        Command::Demo => logging::init(LogFormat::Text, "error,lapin=off"),
+        Command::Demo | Command::Validate { .. } => {
+            logging::init(LogFormat::Text, "error,lapin=off")
+        }
         _ => logging::init(settings.log.format, &settings.log.level),
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -187,19 +206,38 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
             bot,
             user,
             text,
+            template,
+            language,
+            params,
             job_id,
             file,
         } => {
-            let source = match (bot, user, text) {
-                (Some(bot), Some(user), Some(text)) => cli::enqueue::Source::Text {
+            let source = match (bot, user, text, template) {
+                (Some(bot), Some(user), Some(text), None) => cli::enqueue::Source::Text {
                     bot,
                     user,
                     text,
                     job_id,
                 },
+                (Some(bot), Some(user), None, Some(name)) => cli::enqueue::Source::Template {
+                    bot,
+                    user,
+                    name,
+                    language: language.unwrap_or_default(),
+                    params,
+                    job_id,
+                },
+                (Some(_), ..) => {
+                    anyhow::bail!("--bot and --user need --text, or --template and --language")
+                }
                 _ => cli::enqueue::Source::Lines(file.unwrap_or_else(|| "-".into())),
             };
             enqueue(&settings, source).await
+        }
+        Command::Validate { file } => {
+            let mut out = std::io::stdout().lock();
+            let valid = cli::validate::run(&settings, file.as_deref(), &mut out)?;
+            Ok(success_if(valid))
         }
         Command::Demo => Ok(success_if(cli::demo::run(settings).await?)),
         Command::Dlq {

@@ -191,6 +191,63 @@ pub fn classify_response(
             retry_after: None,
         });
     }
+    classify_failure(status, retry_after, body, now)
+}
+
+/// Classifies an answer of Jelou's template send (`POST /v2/whatsapp/{botId}/hsm`),
+/// made for one `destination`. Success is a 2xx whose JSON array holds an entry
+/// `{"id": "<string>", "destination": destination}`: that `id` is the messageId.
+/// Any other 2xx is a verdict, never resent (as for messages); every other status is
+/// classified as for messages. Jelou's HSM errors look like
+/// `{"message": ["Template does not exist"], "status": "failed"}`.
+pub fn classify_hsm_response(
+    status: u16,
+    retry_after: Option<&str>,
+    body: &[u8],
+    destination: &str,
+    now: SystemTime,
+) -> Attempt {
+    if !(200..300).contains(&status) {
+        return classify_failure(status, retry_after, body, now);
+    }
+    let is_array = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+    if is_array && let Ok(entries) = serde_json::from_slice::<Vec<serde_json::Value>>(body) {
+        let id = entries
+            .iter()
+            .find_map(|e| match (e.get("destination"), e.get("id")) {
+                (Some(serde_json::Value::String(d)), Some(serde_json::Value::String(id)))
+                    if d == destination =>
+                {
+                    Some(id.clone())
+                }
+                _ => None,
+            });
+        if let Some(id) = id {
+            return Attempt::Delivered { message_id: id };
+        }
+    }
+    let (detail, code) = error_details(body);
+    Attempt::Failed(AttemptFailure {
+        retryable: false,
+        http_status: Some(status),
+        code,
+        message: format!(
+            "Jelou answered {status} without an entry for destination {destination} with a string `id`{}; \
+             the template may have been sent, so it is not resent",
+            detail.map(|d| format!(" ({d})")).unwrap_or_default()
+        ),
+        retry_after: None,
+    })
+}
+
+/// Classifies a response that is not a 2xx: 408, 429 and 5xx are retryable, the rest
+/// verdicts.
+fn classify_failure(
+    status: u16,
+    retry_after: Option<&str>,
+    body: &[u8],
+    now: SystemTime,
+) -> Attempt {
     let retryable = status == 408 || status == 429 || (500..600).contains(&status);
     let retry_after = if matches!(status, 429 | 503) {
         retry_after.and_then(|v| parse_retry_after(v, now))
@@ -225,7 +282,14 @@ pub fn classify_response(
 /// The longest error text kept from a response, in characters.
 const MAX_DETAIL_CHARS: usize = 500;
 
-/// Reads Jelou's error body leniently: `message` may be a string or a list of strings;
+/// Reads Jelou's error body leniently. The shapes it has been seen to use:
+/// `{"message": "..." | ["...", ...], "error": {"code" | "key": ...}}`; the documented
+/// `{"code": "bot_not_found", "description": "..."}` (codes `bot_not_found` 404,
+/// `forbidden_bot` 403, `message_could_not_be_send` 400,
+/// `notification_could_not_be_send` 400, `unauthorized` 401, `unprocessable_entity`
+/// 422, `internal_server_error` 500); and the HSM send's
+/// `{"message": ["Template does not exist"], "status": "failed"}`. The text is
+/// `message`, else `error.message`, else `description`, else `error.description`;
 /// the code is `error.code`, `error.key`, or a top-level `code`/`key`. Returns the
 /// human text and the code. A body that is not JSON gives neither.
 pub fn error_details(body: &[u8]) -> (Option<String>, Option<String>) {
@@ -255,6 +319,8 @@ pub fn error_details(body: &[u8]) -> (Option<String>, Option<String>) {
         .get("message")
         .and_then(text)
         .or_else(|| error.and_then(|e| e.get("message")).and_then(text))
+        .or_else(|| v.get("description").and_then(text))
+        .or_else(|| error.and_then(|e| e.get("description")).and_then(text))
         .or_else(|| error.and_then(text))
         .map(|m| truncate_chars(&m, MAX_DETAIL_CHARS));
     let code = [
@@ -407,6 +473,129 @@ mod tests {
         );
         let long = format!(r#"{{"message":"{}"}}"#, "x".repeat(5000));
         assert!(failed(400, &long).message.chars().count() < 600);
+    }
+
+    #[test]
+    fn jelou_documented_error_codes_and_descriptions() {
+        let cases = [
+            (404, "bot_not_found", "The bot does not exist"),
+            (
+                403,
+                "forbidden_bot",
+                "The bot does not belong to this client",
+            ),
+            (
+                400,
+                "message_could_not_be_send",
+                "The message could not be sent",
+            ),
+            (
+                400,
+                "notification_could_not_be_send",
+                "The notification could not be sent",
+            ),
+            (401, "unauthorized", "Invalid credentials"),
+            (422, "unprocessable_entity", "type is required"),
+            (500, "internal_server_error", "Something went wrong"),
+        ];
+        for (status, code, description) in cases {
+            let body = format!(r#"{{"code":"{code}","description":"{description}"}}"#);
+            let f = failed(status, &body);
+            assert_eq!(f.code.as_deref(), Some(code), "{body}");
+            assert!(f.message.ends_with(description), "{}", f.message);
+            assert_eq!(f.retryable, status == 500, "{status}");
+        }
+        // Nested under `error` too; `message` wins over `description`.
+        let f = failed(
+            404,
+            r#"{"error":{"code":"bot_not_found","description":"gone"}}"#,
+        );
+        assert_eq!(
+            (f.code.as_deref(), f.message.ends_with("gone")),
+            (Some("bot_not_found"), true)
+        );
+        let f = failed(400, r#"{"message":"m","description":"d","code":"c"}"#);
+        assert!(f.message.ends_with(": m"), "{}", f.message);
+    }
+
+    fn hsm(status: u16, body: &str, destination: &str) -> Attempt {
+        classify_hsm_response(status, None, body.as_bytes(), destination, now())
+    }
+
+    #[test]
+    fn hsm_success_needs_an_entry_for_the_destination_with_a_string_id() {
+        assert_eq!(
+            hsm(
+                200,
+                r#"[{"id":"wamid.1","destination":"593987654321"}]"#,
+                "593987654321"
+            ),
+            Attempt::Delivered {
+                message_id: "wamid.1".into()
+            }
+        );
+        assert_eq!(
+            hsm(
+                201,
+                r#" [{"id":"a","destination":"1"},{"destination":"2","id":"b","x":1}] "#,
+                "2"
+            ),
+            Attempt::Delivered {
+                message_id: "b".into()
+            }
+        );
+        for body in [
+            r#"[{"id":"a","destination":"other"}]"#,
+            r#"[{"id":5,"destination":"593"}]"#,
+            r#"[{"destination":"593"}]"#,
+            r#"[]"#,
+            r#"{"id":"a","destination":"593"}"#,
+            r#"{"success":true,"messageId":"m"}"#,
+            r#"[1,"a",null]"#,
+            "",
+            "<html>",
+        ] {
+            match hsm(200, body, "593") {
+                Attempt::Failed(f) => {
+                    assert!(!f.retryable, "{body}");
+                    assert_eq!(f.http_status, Some(200));
+                    assert!(f.message.contains("not resent"), "{}", f.message);
+                }
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn hsm_errors_are_classified_as_for_messages() {
+        let body = r#"{"message":["Template does not exist"],"status":"failed"}"#;
+        for (status, retryable) in [(400, false), (404, false), (429, true), (503, true)] {
+            match hsm(status, body, "593") {
+                Attempt::Failed(f) => {
+                    assert_eq!(f.retryable, retryable, "{status}");
+                    assert!(
+                        f.message.ends_with("Template does not exist"),
+                        "{}",
+                        f.message
+                    );
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // A failed status inside a 2xx is a verdict that says why.
+        match hsm(200, body, "593") {
+            Attempt::Failed(f) => {
+                assert!(!f.retryable);
+                assert!(
+                    f.message.contains("Template does not exist"),
+                    "{}",
+                    f.message
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let ra = classify_hsm_response(429, Some("3"), b"", "593", now());
+        assert!(matches!(ra, Attempt::Failed(f) if f.retry_after == Some(Duration::from_secs(3))));
     }
 
     #[test]

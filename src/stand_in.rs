@@ -2,7 +2,9 @@
 //! send to instead of the real service.
 //!
 //! It answers `POST /v1/bots/{botId}/messages` as Jelou does on success
-//! (`{"success": true, "messageId": "..."}`), or as a handler decides: any status,
+//! (`{"success": true, "messageId": "..."}`), and the template send
+//! `POST /v2/whatsapp/{botId}/hsm` likewise (`[{"id": "...", "destination": "..."}]`,
+//! one entry per destination of the request), or as a handler decides: any status,
 //! body and headers, after any delay. It records every request it saw (raw path,
 //! `Authorization`, body) so a test can assert what reached "Jelou".
 
@@ -42,6 +44,22 @@ impl Seen {
     /// The body as JSON (Null when it is not JSON).
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Whether this is a template send (`/v2/whatsapp/{botId}/hsm`).
+    pub fn is_hsm(&self) -> bool {
+        self.path.starts_with("/v2/whatsapp/") && self.path.ends_with("/hsm")
+    }
+
+    /// The recipient: a message's `userId`, or a template send's first destination.
+    pub fn recipient(&self) -> String {
+        let body = self.json();
+        let user = if self.is_hsm() {
+            &body["destinations"][0]
+        } else {
+            &body["userId"]
+        };
+        user.as_str().unwrap_or("").to_string()
     }
 }
 
@@ -227,6 +245,12 @@ async fn answer(
         body,
         at: std::time::Instant::now(),
     };
+    let hsm_destinations: Option<Vec<serde_json::Value>> =
+        seen.is_hsm()
+            .then(|| match seen.json().get("destinations") {
+                Some(serde_json::Value::Array(d)) => d.clone(),
+                _ => Vec::new(),
+            });
     let handler = inner.handler.lock().expect("not poisoned").clone();
     let n = inner.count.load(Ordering::SeqCst) + 1;
     let mut reply = handler(&seen, n);
@@ -242,8 +266,18 @@ async fn answer(
                 reply = *next;
             }
             Reply::Success => {
-                let id = inner.ids.fetch_add(1, Ordering::Relaxed) + 1;
-                let body = format!(r#"{{"success":true,"messageId":"msg-{id}"}}"#);
+                let next_id = || inner.ids.fetch_add(1, Ordering::Relaxed) + 1;
+                let body = match &hsm_destinations {
+                    // The HSM send answers one entry per destination.
+                    Some(destinations) => serde_json::Value::Array(
+                        destinations
+                            .iter()
+                            .map(|d| serde_json::json!({"id": format!("hsm-{}", next_id()), "destination": d}))
+                            .collect(),
+                    )
+                    .to_string(),
+                    None => format!(r#"{{"success":true,"messageId":"msg-{}"}}"#, next_id()),
+                };
                 return ([("content-type", "application/json")], body).into_response();
             }
             Reply::Status {

@@ -1,10 +1,11 @@
-//! `outcome::classify_response` on any status, `Retry-After` and body: never a panic,
-//! and the contract's section 2 table holds whatever the body says.
+//! `outcome::classify_response` (messages) and `outcome::classify_hsm_response`
+//! (template sends) on any status, `Retry-After` and body: never a panic, and the
+//! contract's section 2 table holds whatever the body says.
 #![no_main]
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use jelou_worker::outcome::{Attempt, classify_response};
+use jelou_worker::outcome::{Attempt, AttemptFailure, classify_hsm_response, classify_response};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -29,13 +30,26 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(v["success"], true);
             assert_eq!(v["messageId"], message_id.as_str());
         }
-        Attempt::Failed(f) => {
-            assert_eq!(f.http_status, Some(status));
-            let retryable = status == 408 || status == 429 || (500..600).contains(&status);
-            assert_eq!(f.retryable, retryable, "{status}");
-            assert!(f.retry_after.is_none() || matches!(status, 429 | 503));
-            assert!(f.message.chars().count() < 1_000, "{}", f.message.len());
-            assert!(f.code.as_ref().is_none_or(|c| c.chars().count() <= 201));
+        Attempt::Failed(f) => failure_holds(status, &f),
+    }
+    let destination = "593987654321";
+    match classify_hsm_response(status, retry_after, body, destination, now) {
+        Attempt::Delivered { message_id } => {
+            assert!((200..300).contains(&status), "{status}");
+            let v: Vec<serde_json::Value> =
+                serde_json::from_slice(body).expect("success is a JSON array");
+            assert!(v.iter().any(|e| e["destination"] == destination
+                && e["id"] == message_id.as_str()));
         }
+        Attempt::Failed(f) => failure_holds(status, &f),
     }
 });
+
+fn failure_holds(status: u16, f: &AttemptFailure) {
+    assert_eq!(f.http_status, Some(status));
+    let retryable = status == 408 || status == 429 || (500..600).contains(&status);
+    assert_eq!(f.retryable, retryable, "{status}");
+    assert!(f.retry_after.is_none() || matches!(status, 429 | 503));
+    assert!(f.message.chars().count() < 1_000, "{}", f.message.len());
+    assert!(f.code.as_ref().is_none_or(|c| c.chars().count() <= 201));
+}

@@ -2,8 +2,9 @@
 //!
 //! It starts a stand-in Jelou on loopback, runs the real worker against the configured
 //! broker (`amqp.url`) on queues and exchanges of its own (`jelou-demo-<id>.*`, so it
-//! never touches real traffic), enqueues sample jobs of several message types (some
-//! succeed, some need retries, some fail), prints each result as it arrives and a
+//! never touches real traffic), enqueues sample jobs of several message types and a
+//! template (HSM) job (some succeed, some need retries, some fail, one is refused by
+//! Jelou's rules before it is sent), prints each result as it arrives and a
 //! summary, then removes everything it declared. It exits 0 when every job ended as
 //! expected.
 
@@ -82,21 +83,26 @@ fn samples() -> Vec<Sample> {
         sample(
             "demo-quick-reply",
             "593000000003",
-            json!({"type": "quick_reply", "text": "Confirm?", "options": [{"title": "Yes"}, {"title": "No"}]}),
+            json!({"type": "quick_reply", "text": "Confirm?", "quick_replies": [{"title": "Yes"}, {"title": "No"}]}),
             "accepted",
             "success",
         ),
         sample(
             "demo-location",
             "593000000004",
-            json!({"type": "location", "lat": -2.1894, "lng": -79.8891, "name": "Guayaquil"}),
+            json!({"type": "location", "coordinates": {"lat": -2.1894, "long": -79.8891}, "name": "Guayaquil"}),
             "accepted",
             "success",
         ),
         sample(
             "demo-carousel",
             "593000000005",
-            json!({"type": "CAROUSEL", "elements": [{"title": "Plan A", "buttons": []}]}),
+            json!({"type": "CAROUSEL", "text": "Our plans", "parameters": {"cards": [{
+                "card_index": 0, "type": "cta_url",
+                "header": {"type": "image", "image": {"link": "https://example.com/plan-a.png"}},
+                "body": {"text": "Plan A"},
+                "action": {"name": "cta_url", "parameters": {"display_text": "Buy", "url": "https://example.com/a"}}
+            }]}}),
             "accepted",
             "success",
         ),
@@ -126,6 +132,21 @@ fn samples() -> Vec<Sample> {
             story: "a producer forgot message.userId",
             expect: "invalid_job",
         },
+        sample(
+            "demo-four-buttons",
+            "593000000011",
+            json!({"type": "quick_reply", "text": "Rate us", "quick_replies": [
+                {"title": "1"}, {"title": "2"}, {"title": "3"}, {"title": "4"}]}),
+            "breaks Jelou's rule of at most 3 quick replies: refused, never sent",
+            "invalid_job",
+        ),
+        Sample {
+            job: json!({"jobId": "demo-template", "botId": "demo-bot", "userId": "593000000012",
+                        "template": {"elementName": "order_shipped", "language": "es",
+                                     "parameters": ["Ana", "#42"]}}),
+            story: "a template (HSM), sent outside the 24-hour window",
+            expect: "success",
+        },
         expired,
     ]
 }
@@ -134,7 +155,7 @@ fn samples() -> Vec<Sample> {
 fn stand_in_behaviour(jelou: &StandIn) {
     let tries: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
     jelou.set_handler(move |seen, _| {
-        let user = seen.json()["userId"].as_str().unwrap_or("").to_string();
+        let user = seen.recipient();
         let n = {
             let mut tries = tries.lock().expect("not poisoned");
             let n = tries.entry(user.clone()).or_insert(0);

@@ -1,7 +1,8 @@
 //! `jelou-worker enqueue`: publish jobs from the shell, with publisher confirms.
 //!
-//! Jobs come from flags (`--bot --user --text`) or as JSON, one job per line, from a
-//! file or stdin. Each line is checked as the worker would read it; a line that the
+//! Jobs come from flags (`--bot --user --text`, or `--bot --user --template NAME
+//! --language L --param V ...` for a template job) or as JSON, one job per line, from
+//! a file or stdin. Each line is checked as the worker would read it; a line that the
 //! worker would refuse is reported (line number and reason) and not published. Every
 //! published job's jobId is printed once the broker confirmed it. The exit status is
 //! non-zero when any line was refused, by this check or by the broker.
@@ -20,7 +21,7 @@ use crate::{
     broker::{self, Published, Publisher, Topology},
     cli::UsageError,
     config::Settings,
-    job::parse_job,
+    job::parse_job_with,
 };
 
 /// Jobs confirmed concurrently: enough to keep the broker busy.
@@ -34,6 +35,17 @@ pub enum Source {
         bot: String,
         user: String,
         text: String,
+        job_id: Option<String>,
+    },
+    /// One template (HSM) job from flags.
+    Template {
+        bot: String,
+        user: String,
+        /// The template's name (`elementName`).
+        name: String,
+        language: String,
+        /// Values for the template's placeholders, in order.
+        params: Vec<String>,
         job_id: Option<String>,
     },
     /// JSON lines from a file, or stdin for `-`.
@@ -52,7 +64,7 @@ struct Line {
 /// Publishes the jobs; returns how many were published and how many refused.
 pub async fn run(settings: &Settings, source: Source) -> anyhow::Result<(usize, usize)> {
     let mut refused = 0usize;
-    let lines = read_lines(&settings.amqp.max_job_bytes, source, &mut refused)?;
+    let lines = read_lines(settings, source, &mut refused)?;
     if lines.is_empty() && refused == 0 {
         return Err(UsageError(
             "no job given: pass --bot/--user/--text, or JSON lines with --file (or on stdin)"
@@ -121,7 +133,11 @@ pub async fn run(settings: &Settings, source: Source) -> anyhow::Result<(usize, 
     Ok((published, refused))
 }
 
-fn read_lines(max_bytes: &usize, source: Source, refused: &mut usize) -> anyhow::Result<Vec<Line>> {
+fn read_lines(
+    settings: &Settings,
+    source: Source,
+    refused: &mut usize,
+) -> anyhow::Result<Vec<Line>> {
     let raw: Vec<(usize, Vec<u8>)> = match source {
         Source::Text {
             bot,
@@ -132,6 +148,24 @@ fn read_lines(max_bytes: &usize, source: Source, refused: &mut usize) -> anyhow:
             let mut job = serde_json::json!({
                 "botId": bot,
                 "message": {"type": "text", "userId": user, "text": text},
+            });
+            if let Some(id) = job_id {
+                job["jobId"] = serde_json::Value::String(id);
+            }
+            vec![(1, serde_json::to_vec(&job)?)]
+        }
+        Source::Template {
+            bot,
+            user,
+            name,
+            language,
+            params,
+            job_id,
+        } => {
+            let mut job = serde_json::json!({
+                "botId": bot,
+                "userId": user,
+                "template": {"elementName": name, "language": language, "parameters": params},
             });
             if let Some(id) = job_id {
                 job["jobId"] = serde_json::Value::String(id);
@@ -166,7 +200,12 @@ fn read_lines(max_bytes: &usize, source: Source, refused: &mut usize) -> anyhow:
         // The id we print must be the one the worker will use: generate it here and
         // pass it as the AMQP message_id when the body has none.
         let generated = uuid::Uuid::new_v4().to_string();
-        match parse_job(&body, Some(&generated), *max_bytes) {
+        match parse_job_with(
+            &body,
+            Some(&generated),
+            settings.amqp.max_job_bytes,
+            settings.jelou.validate_messages,
+        ) {
             Ok(job) => {
                 let message_id = (job.job_id == generated).then_some(generated);
                 lines.push(Line {

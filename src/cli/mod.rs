@@ -9,6 +9,7 @@ pub mod demo;
 pub mod dlq;
 pub mod enqueue;
 pub mod probe;
+pub mod validate;
 
 /// A command given wrongly (nothing to do, contradictory or unknown values): like
 /// clap's own errors, it exits with status 2. Carried inside an `anyhow::Error`.

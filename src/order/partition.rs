@@ -39,7 +39,7 @@ use super::{
 };
 use crate::{
     broker::{BrokerError, acks::Acks, bounded, consume::consume},
-    job::{RetryState, header, int_header, parse_job, string_header},
+    job::{RetryState, header, int_header, parse_job_with, string_header},
     pipeline::{self, Ended, WaitPlace, decide},
 };
 
@@ -244,7 +244,14 @@ impl Partition {
             .and_then(|h| string_header(h, header::WAIT_REASON))
             .and_then(|r| known_reason(&r));
         let message_id = d.properties.message_id().as_ref().map(ShortString::as_str);
-        let job = parse_job(&d.data, message_id, shared.settings.amqp.max_job_bytes);
+        // Read for its user only: a job that breaks a message rule keeps its place in
+        // its user's lane, and fails there, unsent, when its turn comes.
+        let job = parse_job_with(
+            &d.data,
+            message_id,
+            shared.settings.amqp.max_job_bytes,
+            false,
+        );
         let Ok(job) = job else {
             self.start(o, None, seq, d);
             return;

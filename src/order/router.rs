@@ -21,7 +21,7 @@ use lapin::{
 use super::{Ctx2, lease, partition_of};
 use crate::{
     broker::{BrokerError, acks::Acks, bounded, consume::consume},
-    job::{header, parse_job, remove},
+    job::{header, parse_job_with, remove},
 };
 
 /// Sequence numbers: microseconds since the Unix epoch, strictly increasing here.
@@ -230,7 +230,7 @@ fn routing_key(delivery: &Delivery, max_bytes: usize) -> Vec<u8> {
         .message_id()
         .as_ref()
         .map(ShortString::as_str);
-    match parse_job(&delivery.data, message_id, max_bytes) {
+    match parse_job_with(&delivery.data, message_id, max_bytes, false) {
         Ok(job) => super::user_bytes(&job.bot_id, &job.user_id),
         Err(invalid) => match (invalid.bot_id, invalid.user_id) {
             (Some(bot), Some(user)) => super::user_bytes(&bot, &user),

@@ -29,7 +29,7 @@ use super::{
 use crate::{
     broker::acks::Acks,
     gate::Admission,
-    job::{Job, RetryState, parse_job},
+    job::{Job, RetryState, parse_job_with},
     outcome::{Attempt, AttemptFailure, ErrorKind, JobFailure, JobOutcome},
 };
 
@@ -65,10 +65,11 @@ pub(crate) async fn process(
 ) -> Ended {
     shared.metrics.jobs_in_flight.inc();
     let message_id = delivery.properties.message_id().clone();
-    let parsed = parse_job(
+    let parsed = parse_job_with(
         &delivery.data,
         message_id.as_ref().map(ShortString::as_str),
         shared.settings.amqp.max_job_bytes,
+        shared.settings.jelou.validate_messages,
     );
     let ident = match &parsed {
         Ok(job) => Ident {
@@ -284,7 +285,7 @@ impl JobRun {
         let sent_at = tokio::time::Instant::now();
         let body = bytes::Bytes::copy_from_slice(job.message.get().as_bytes());
         let attempt = tokio::select! {
-            a = self.shared.jelou.send(&job.bot_id, body) => a,
+            a = self.shared.jelou.send_job(job, body) => a,
             _ = self.stops.hard.cancelled() => {
                 tracing::warn!("grace period over during an attempt: the job goes back to the queue");
                 return None;

@@ -152,7 +152,7 @@ enum Retries<'a> {
     Subscribing(Subscribing<'a>),
     /// The last try failed; the next starts at this instant.
     WaitingUntil(tokio::time::Instant),
-    Subscribed(Subscribed),
+    Subscribed(Box<Subscribed>),
 }
 
 /// Order off: consumes the jobs queue, and the retry queue beside it, until shutdown
@@ -217,7 +217,7 @@ async fn consume_unordered(
     tracing::info!("shutting down: no new jobs; finishing those in flight");
     let mut subscribed = vec![jobs];
     if let Retries::Subscribed(r) = retries {
-        subscribed.push(r);
+        subscribed.push(*r);
     }
     for s in &subscribed {
         let cancel = s
@@ -250,12 +250,12 @@ impl<'a> Retries<'a> {
         match self {
             Retries::Subscribing(subscribing) => {
                 *self = match subscribing.await {
-                    Ok((channel, consumer)) => Retries::Subscribed(Subscribed {
+                    Ok((channel, consumer)) => Retries::Subscribed(Box::new(Subscribed {
                         acks: Acks::start(channel.clone(), session.lost.clone()),
                         channel,
                         consumer,
                         tag: tag.to_string(),
-                    }),
+                    })),
                     Err(e) => {
                         tracing::warn!(error = %e, queue = %shared.topology.retry_queue(), "cannot consume the retry queue yet; consuming new jobs meanwhile");
                         let timeout = shared.settings.amqp.operation_timeout();

@@ -74,19 +74,21 @@ async fn every_documented_message_type_is_sent_byte_for_byte() {
     let messages = [
         r#"{"type":"text","userId":"u1","text":"Hola"}"#,
         r#"{"type":"text","userId":"u1","text":"Pick","options":[{"title":"A"},{"title":"B"}]}"#,
-        r#"{"type":"quick_reply","userId":"u1","text":"?","options":[{"title":"Yes","payload":"y"}]}"#,
+        r#"{"type":"text","userId":"u1","text":"Pick","buttons":{"title":"Menu","buttonText":"See","options":[{"title":"A","description":"a"}]}}"#,
+        r#"{"type":"quick_reply","userId":"u1","text":"?","quick_replies":[{"title":"Yes","payload":"y"}]}"#,
         r#"{"type":"image","userId":"u1","mediaUrl":"https://x/a.png","text":"caption"}"#,
         r#"{"type":"video","userId":"u1","mediaUrl":"https://x/a.mp4"}"#,
         r#"{"type":"audio","userId":"u1","mediaUrl":"https://x/a.ogg"}"#,
         r#"{"type":"file","userId":"u1","mediaUrl":"https://x/a.pdf","filename":"a.pdf"}"#,
         r#"{"type":"sticker","userId":"u1","mediaUrl":"https://x/s.webp"}"#,
-        r#"{"type":"location","userId":"u1","lat":-2.19,"lng":-79.88,"name":"GYE"}"#,
+        r#"{"type":"location","userId":"u1","coordinates":{"lat":-2.19,"long":-79.88},"name":"GYE"}"#,
         r#"{"type":"location_request","userId":"u1","text":"Where are you?"}"#,
         r#"{"type":"contacts","userId":"u1","contacts":[{"name":{"formatted_name":"Ana"}}]}"#,
-        r#"{"type":"cta_url","userId":"u1","text":"Open","url":"https://x","buttonText":"Go"}"#,
-        r#"{"type":"voice_call","userId":"u1","text":"Call us"}"#,
-        r#"{"type":"flow","userId":"u1","flowId":"f1","flowCta":"Start"}"#,
-        r#"{"type":"CAROUSEL","userId":"u1","elements":[{"title":"1","buttons":[]}],  "spaced": true}"#,
+        r#"{"type":"cta_url","userId":"u1","title":"Hi","text":"Open","caption":"Jelou","parameters":{"url":"https://x","display_text":"Go"}}"#,
+        r#"{"type":"voice_call","userId":"u1","header":"Support","text":"Call us","parameters":{"display_text":"Call"}}"#,
+        r#"{"type":"flow","userId":"u1","text":"Sign up","parameters":{"flow_id":"f1","flow_cta":"Start","flow_name":"signup","flow_action_payload":{"screen":"A"},"mode":"published","flow_action":"navigate","flow_message_version":"3"}}"#,
+        r#"{"type":"CAROUSEL","userId":"u1","text":"Plans","parameters":{"cards":[{"card_index":0,"type":"cta_url","header":{"type":"image","image":{"link":"https://x/a.png"}},"body":{"text":"A"},"action":{"name":"cta_url","parameters":{"display_text":"Buy","url":"https://x/a"}}}]},  "spaced": true}"#,
+        r#"{"type":"template","userId":"u1","templateId":"welcome","parameters":{"name":"Ana"}}"#,
     ];
     env.declare().await;
     for (i, m) in messages.iter().enumerate() {
@@ -422,7 +424,7 @@ async fn invalid_jobs_get_invalid_job_and_go_to_the_dead_letter_queue() {
 async fn job_id_and_correlation_id_rules() {
     let env = TestEnv::new("ids").await;
     env.declare().await;
-    let no_id = json!({"botId": "B", "message": {"type": "text", "userId": "u"}});
+    let no_id = json!({"botId": "B", "message": {"type": "text", "userId": "u", "text": "Hi"}});
     // 1. jobId in the body wins; the job's correlation_id is echoed.
     env.publish_raw(
         text_job("body-id", "B").to_string().as_bytes(),

@@ -13,6 +13,7 @@ mod cluster;
 mod end_to_end;
 mod faults;
 mod hostile;
+mod messages;
 mod operations;
 mod order;
 mod refused_results;

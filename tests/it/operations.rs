@@ -150,9 +150,9 @@ async fn demo_shows_the_whole_system_and_cleans_up() {
     );
     assert!(stdout.contains("Every job ended as expected."), "{stdout}");
     for line in [
-        "success            7",
+        "success            8",
         "rejected           1",
-        "invalid_job        1",
+        "invalid_job        2",
         "expired            1",
     ] {
         assert!(stdout.contains(line), "summary lacks `{line}`:\n{stdout}");
@@ -162,6 +162,17 @@ async fn demo_shows_the_whole_system_and_cleans_up() {
         "{stdout}"
     );
     assert!(!stdout.contains('✗'), "{stdout}");
+    // A message refused by Jelou's rules, with its reason; a template job delivered.
+    assert!(
+        stdout.contains(
+            "demo-four-buttons failure  invalid_job: message.quick_replies: 4 buttons, at most 3"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("demo-template     success  messageId hsm-"),
+        "{stdout}"
+    );
     // It removed the queues it declared.
     let prefix = stdout
         .lines()
@@ -410,7 +421,7 @@ async fn enqueue_publishes_from_flags_and_json_lines() {
     let file = dir.path().join("jobs.jsonl");
     std::fs::write(
         &file,
-        "{\"jobId\":\"e-1\",\"botId\":\"B\",\"message\":{\"type\":\"text\",\"userId\":\"u\"}}\n\n\
+        "{\"jobId\":\"e-1\",\"botId\":\"B\",\"message\":{\"type\":\"text\",\"userId\":\"u\",\"text\":\"Hi\"}}\n\n\
          {\"botId\":\"B\"}\n\
          {\"botId\":\"B\",\"message\":{\"type\":\"image\",\"userId\":\"u\",\"mediaUrl\":\"https://x\"}}\n",
     )

@@ -100,7 +100,7 @@ impl Table {
         // ignored field, and as the whole body.
         let depth = 100_000;
         let deep_message = format!(
-            r#"{{"type":"text","userId":"u","x":{}{}}}"#,
+            r#"{{"type":"text","userId":"u","text":"deep","x":{}{}}}"#,
             "[".repeat(depth),
             "]".repeat(depth)
         );
@@ -108,7 +108,7 @@ impl Table {
         self.verbatim.push(("deep-msg", deep_message));
         self.cases.push(case("deep-msg", body, "success"));
         let body = format!(
-            r#"{{"jobId":"deep-extra","botId":"B","extra":{}1{},"message":{{"type":"text","userId":"u"}}}}"#,
+            r#"{{"jobId":"deep-extra","botId":"B","extra":{}1{},"message":{{"type":"text","userId":"u","text":"t"}}}}"#,
             "{\"a\":".repeat(depth / 5),
             "}".repeat(depth / 5)
         );
@@ -121,10 +121,10 @@ impl Table {
 
     fn huge(&mut self, max: usize) {
         // A huge string: exactly amqp.max_job_bytes is processed (and sent intact); one
-        // byte more is invalid.
+        // byte more is invalid. (In a field of its own: `text` has WhatsApp's limit.)
         let frame = |id: &str, text: &str| {
             format!(
-                r#"{{"jobId":"{id}","botId":"B","message":{{"type":"text","userId":"u","text":"{text}"}}}}"#
+                r#"{{"jobId":"{id}","botId":"B","message":{{"type":"text","userId":"u","text":"t","pad":"{text}"}}}}"#
             )
         };
         let room = max - frame("huge-at-max", "").len();
@@ -133,7 +133,7 @@ impl Table {
         assert_eq!(body.len(), max);
         self.verbatim.push((
             "huge-at-max",
-            format!(r#"{{"type":"text","userId":"u","text":"{text}"}}"#),
+            format!(r#"{{"type":"text","userId":"u","text":"t","pad":"{text}"}}"#),
         ));
         self.cases.push(case("huge-at-max", body, "success"));
         let body = frame("huge-over-1", &format!("{text}a"));
@@ -299,13 +299,12 @@ impl Table {
     fn odd_ids(&mut self) {
         // jobIds that a correlation_id cannot hold (800 bytes), or that hold a NUL.
         let wide = wide_id();
-        let body = json!({"jobId": wide, "botId": "B", "message": {"type": "text", "userId": "u"}});
+        let body = json!({"jobId": wide, "botId": "B", "message": {"type": "text", "userId": "u", "text": "t"}});
         self.cases.push(Case {
             result_id: wide.clone(),
             ..case("wide-id", body.to_string(), "success")
         });
-        let body =
-            json!({"jobId": "a\u{0}b", "botId": "B", "message": {"type": "text", "userId": "u"}});
+        let body = json!({"jobId": "a\u{0}b", "botId": "B", "message": {"type": "text", "userId": "u", "text": "t"}});
         self.cases.push(Case {
             result_id: "a\u{0}b".into(),
             ..case("nul-id", body.to_string(), "success")

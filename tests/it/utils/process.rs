@@ -49,6 +49,7 @@ pub fn env_for(settings: &Settings) -> Vec<(String, String)> {
             "JELOU__RATE_LIMIT_PER_SECOND",
             j.rate_limit_per_second.to_string(),
         ),
+        ("JELOU__VALIDATE_MESSAGES", j.validate_messages.to_string()),
         (
             "JELOU__CIRCUIT_FAILURE_THRESHOLD",
             j.circuit_failure_threshold.to_string(),

@@ -1,8 +1,16 @@
 //! Reading a job: the contract's section 1, and the retry state the worker keeps in
-//! the job's AMQP headers. Pure: no I/O, so every rule is unit-tested here.
+//! the job's AMQP headers. Pure (but for one warning per unknown message type), so
+//! every rule is unit-tested here.
 //!
+//! A job carries either a `message` (sent to `POST /v1/bots/{botId}/messages`) or a
+//! `template` and a top-level `userId` (sent to the HSM endpoint, see [`template`]).
 //! The `message` is kept as the producer wrote it ([`RawValue`]) and sent to Jelou byte
-//! for byte: the worker validates `type` and `userId` but never re-serialises the body.
+//! for byte: the worker checks it against Jelou's documented rules for its type
+//! ([`rules`], unless `jelou.validate_messages` is off) but never re-serialises it.
+
+pub mod rules;
+pub mod shape;
+pub mod template;
 
 use chrono::{DateTime, Utc};
 use lapin::types::{AMQPValue, FieldTable};
@@ -50,10 +58,26 @@ pub mod header {
 pub struct Job {
     pub job_id: String,
     pub bot_id: String,
+    /// The recipient: `message.userId`, or a template job's top-level `userId`. With
+    /// the botId, the key that orders a user's jobs.
     pub user_id: String,
-    /// The `message` object exactly as the producer sent it: the request body.
+    /// The request body: the `message` object exactly as the producer sent it, or for
+    /// a template job the `template` object as sent plus `"destinations": [userId]`.
     pub message: Box<RawValue>,
     pub deadline: Option<DateTime<Utc>>,
+    /// Which Jelou endpoint the body goes to.
+    pub kind: JobKind,
+    /// A message `type` the worker has no rules for: sent as given, not checked.
+    pub unchecked_type: Option<String>,
+}
+
+/// The two kinds of job, by the endpoint they are sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    /// `message`: `POST {base_url}/v1/bots/{botId}/messages`.
+    Message,
+    /// `template`: `POST {base_url}/v2/whatsapp/{botId}/hsm`.
+    Template,
 }
 
 /// A job that cannot be processed, with what could still be read from it.
@@ -75,6 +99,11 @@ struct RawJob<'a> {
     #[serde(default, borrow)]
     message: Option<&'a RawValue>,
     #[serde(default, borrow)]
+    template: Option<&'a RawValue>,
+    /// A template job's recipient (a message job's is `message.userId`).
+    #[serde(rename = "userId", default, borrow)]
+    user_id: Option<&'a RawValue>,
+    #[serde(default, borrow)]
     deadline: Option<&'a RawValue>,
 }
 
@@ -86,12 +115,24 @@ struct RawMessage<'a> {
     user_id: Option<&'a RawValue>,
 }
 
-/// Reads a job from an AMQP body. `message_id` is the AMQP property, the jobId's
-/// fallback; `max_bytes` is `amqp.max_job_bytes`.
+/// Reads a job from an AMQP body, checking its message against Jelou's rules.
+/// `message_id` is the AMQP property, the jobId's fallback; `max_bytes` is
+/// `amqp.max_job_bytes`.
 pub fn parse_job(
     body: &[u8],
     message_id: Option<&str>,
     max_bytes: usize,
+) -> Result<Job, InvalidJob> {
+    parse_job_with(body, message_id, max_bytes, true)
+}
+
+/// [`parse_job`], with Jelou's rules per message type checked only when `validate`
+/// (`jelou.validate_messages`); the contract's base checks always apply.
+pub fn parse_job_with(
+    body: &[u8],
+    message_id: Option<&str>,
+    max_bytes: usize,
+    validate: bool,
 ) -> Result<Job, InvalidJob> {
     let fallback_id = || {
         message_id
@@ -147,6 +188,7 @@ pub fn parse_job(
         }
     };
     let bot_id = raw.bot_id.and_then(|v| string_of(v).ok().flatten());
+    let is_template = raw.template.is_some() && raw.message.is_none();
     // A message that is an object but cannot be read (a duplicate `type` or `userId`:
     // which one would Jelou read?) says why.
     let head: Result<RawMessage, String> = match raw.message {
@@ -155,11 +197,14 @@ pub fn parse_job(
         }
         _ => Err("message must be a JSON object".into()),
     };
-    let user_id = head
-        .as_ref()
-        .ok()
-        .and_then(|h| h.user_id)
-        .and_then(|v| string_of(v).ok().flatten());
+    let user_id = if is_template {
+        raw.user_id.and_then(|v| string_of(v).ok().flatten())
+    } else {
+        head.as_ref()
+            .ok()
+            .and_then(|h| h.user_id)
+            .and_then(|v| string_of(v).ok().flatten())
+    };
     let fail = |reason: &str| {
         invalid(
             job_id.clone(),
@@ -174,8 +219,42 @@ pub fn parse_job(
         (Some(_), Some(b)) if !b.is_empty() => b.clone(),
         _ => return Err(fail("botId must be a non-empty string")),
     };
+    if raw.message.is_some() && raw.template.is_some() {
+        return Err(fail(
+            "a job carries either message or template (with a top-level userId), not both",
+        ));
+    }
+    if let Some(template) = raw.template {
+        let user = match (raw.user_id, &user_id) {
+            (None, _) => {
+                return Err(fail(
+                    "userId is missing (a template job names its recipient)",
+                ));
+            }
+            (Some(_), Some(u)) if !u.is_empty() => u.clone(),
+            _ => return Err(fail("userId must be a non-empty string")),
+        };
+        let deadline = read_deadline(raw.deadline).map_err(|reason| fail(&reason))?;
+        let checked = if validate {
+            template::check_template(template)
+        } else {
+            template::check_shape(template)
+        };
+        checked.map_err(|p| fail(&p.to_string()))?;
+        return Ok(Job {
+            job_id: job_id.unwrap_or_else(fallback_id),
+            bot_id: bot,
+            message: template::hsm_body(template, &user),
+            user_id: user,
+            deadline,
+            kind: JobKind::Template,
+            unchecked_type: None,
+        });
+    }
     let Some(message) = raw.message else {
-        return Err(fail("message is missing"));
+        return Err(fail(
+            "message is missing (or template, with a top-level userId, for a template job)",
+        ));
     };
     let head = match head {
         Ok(head) => head,
@@ -191,21 +270,70 @@ pub fn parse_job(
         (Some(_), Some(u)) if !u.is_empty() => u.clone(),
         _ => return Err(fail("message.userId must be a non-empty string")),
     };
-    let deadline = match raw.deadline.map(string_of) {
-        None | Some(Ok(None)) => None,
-        Some(Ok(Some(text))) => match DateTime::parse_from_rfc3339(&text) {
-            Ok(t) => Some(t.with_timezone(&Utc)),
-            Err(e) => return Err(fail(&format!("deadline is not an RFC 3339 time: {e}"))),
-        },
-        Some(Err(())) => return Err(fail("deadline must be an RFC 3339 time string")),
-    };
+    let deadline = read_deadline(raw.deadline).map_err(|reason| fail(&reason))?;
+    let mut unchecked_type = None;
+    if validate {
+        match rules::check_message(message) {
+            Ok(rules::Verdict::Valid) => {}
+            Ok(rules::Verdict::UnknownType(t)) => {
+                warn_unknown_type(&t);
+                unchecked_type = Some(t);
+            }
+            Err(p) => return Err(fail(&p.to_string())),
+        }
+    }
     Ok(Job {
         job_id: job_id.unwrap_or_else(fallback_id),
         bot_id: bot,
         user_id: user,
         message: message.to_owned(),
         deadline,
+        kind: JobKind::Message,
+        unchecked_type,
     })
+}
+
+fn read_deadline(raw: Option<&RawValue>) -> Result<Option<DateTime<Utc>>, String> {
+    match raw.map(string_of) {
+        None | Some(Ok(None)) => Ok(None),
+        Some(Ok(Some(text))) => match DateTime::parse_from_rfc3339(&text) {
+            Ok(t) => Ok(Some(t.with_timezone(&Utc))),
+            Err(e) => Err(format!("deadline is not an RFC 3339 time: {e}")),
+        },
+        Some(Err(())) => Err("deadline must be an RFC 3339 time string".into()),
+    }
+}
+
+/// Distinct unknown types warned about; past this many, new ones are not remembered
+/// (nor warned about), so a producer inventing types cannot grow the set.
+const MAX_UNKNOWN_TYPES_WARNED: usize = 64;
+
+/// Unknown types already warned about in this process.
+static UNKNOWN_TYPES_WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Whether `t` is an unknown type not yet warned about (and there is room to
+/// remember it); remembers it.
+fn first_sighting(t: &str) -> bool {
+    let mut seen = UNKNOWN_TYPES_WARNED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if seen.len() >= MAX_UNKNOWN_TYPES_WARNED || seen.iter().any(|s| s == t) {
+        return false;
+    }
+    seen.push(t.to_string());
+    true
+}
+
+/// Logs once per process, at warn, each message type the worker has no rules for.
+fn warn_unknown_type(t: &str) {
+    if !first_sighting(t) {
+        return;
+    }
+    let shown: String = t.chars().take(64).collect();
+    tracing::warn!(
+        message_type = %shown,
+        "a message type with no rules in this worker: sent as given, not checked (logged once per type)"
+    );
 }
 
 /// `Ok(Some(s))` for a JSON string, `Ok(None)` for null, `Err` for anything else.
@@ -415,7 +543,7 @@ mod tests {
 
     #[test]
     fn job_id_falls_back_to_message_id_then_uuid() {
-        let body = r#"{"botId":"B","message":{"type":"text","userId":"u"}}"#;
+        let body = r#"{"botId":"B","message":{"type":"text","userId":"u","text":"t"}}"#;
         assert_eq!(
             parse_job(body.as_bytes(), Some("mid-1"), MAX)
                 .unwrap()
@@ -424,7 +552,7 @@ mod tests {
         );
         let generated = ok(body).job_id;
         assert!(uuid::Uuid::parse_str(&generated).is_ok(), "{generated}");
-        let null_id = r#"{"jobId":null,"botId":"B","message":{"type":"text","userId":"u"}}"#;
+        let null_id = r#"{"jobId":null,"botId":"B","message":{"type":"t","userId":"u"}}"#;
         assert_eq!(
             parse_job(null_id.as_bytes(), Some("m"), MAX)
                 .unwrap()
@@ -581,6 +709,115 @@ mod tests {
             "[".repeat(depth)
         );
         assert!(parse_job(unbalanced.as_bytes(), None, usize::MAX).is_err());
+    }
+
+    #[test]
+    fn a_message_that_breaks_a_rule_is_invalid_unless_validation_is_off() {
+        let body = r#"{"jobId":"j","botId":"B","message":{"type":"quick_reply","userId":"u","text":"?","quick_replies":[{"title":"a"},{"title":"b"},{"title":"c"},{"title":"d"}]}}"#;
+        let e = err(body);
+        assert_eq!(e.reason, "message.quick_replies: 4 buttons, at most 3");
+        assert_eq!(
+            (e.job_id.as_str(), e.bot_id.as_deref(), e.user_id.as_deref()),
+            ("j", Some("B"), Some("u"))
+        );
+        let job = parse_job_with(body.as_bytes(), None, MAX, false).unwrap();
+        assert_eq!(job.kind, JobKind::Message);
+        // The base checks stay.
+        let e = parse_job_with(
+            br#"{"botId":"B","message":{"type":"text"}}"#,
+            None,
+            MAX,
+            false,
+        )
+        .unwrap_err();
+        assert!(
+            e.reason.contains("message.userId is missing"),
+            "{}",
+            e.reason
+        );
+    }
+
+    #[test]
+    fn an_unknown_type_is_sent_unchecked() {
+        let job = ok(r#"{"botId":"B","message":{"type":"poll","userId":"u","q":[]}}"#);
+        assert_eq!(job.unchecked_type.as_deref(), Some("poll"));
+        let job = ok(r#"{"botId":"B","message":{"type":"text","userId":"u","text":"x"}}"#);
+        assert_eq!(job.unchecked_type, None);
+    }
+
+    #[test]
+    fn unknown_types_are_warned_about_once_each_in_a_bounded_set() {
+        first_sighting("once-only-type");
+        assert!(!first_sighting("once-only-type"));
+        for i in 0..2 * MAX_UNKNOWN_TYPES_WARNED {
+            first_sighting(&format!("invented-{i}"));
+        }
+        let seen = UNKNOWN_TYPES_WARNED.lock().unwrap().len();
+        assert_eq!(seen, MAX_UNKNOWN_TYPES_WARNED);
+        assert!(!first_sighting("one-more"));
+    }
+
+    #[test]
+    fn a_template_job_is_sent_to_its_user_with_the_template_as_written() {
+        let job = ok(
+            r#"{"jobId":"t1","botId":"B","userId":"593","template":{"elementName":"order_shipped","language":"es","parameters":["Ana"]},"deadline":"2026-11-24T18:00:00Z"}"#,
+        );
+        assert_eq!(job.kind, JobKind::Template);
+        assert_eq!((job.bot_id.as_str(), job.user_id.as_str()), ("B", "593"));
+        assert_eq!(
+            job.message.get(),
+            r#"{"destinations":["593"],"elementName":"order_shipped","language":"es","parameters":["Ana"]}"#
+        );
+        assert!(job.deadline.is_some());
+        let cases = [
+            (
+                r#"{"botId":"B","userId":"u","template":{"elementName":"x","language":"es"},"message":{"type":"t","userId":"u"}}"#,
+                "either message or template",
+            ),
+            (r#"{"botId":"B","userId":"u"}"#, "message is missing"),
+            (
+                r#"{"botId":"B","template":{"elementName":"x","language":"es"}}"#,
+                "userId is missing",
+            ),
+            (
+                r#"{"botId":"B","userId":"","template":{"elementName":"x","language":"es"}}"#,
+                "userId must be a non-empty string",
+            ),
+            (
+                r#"{"botId":"B","userId":"u","template":["x"]}"#,
+                "template: must be a JSON object",
+            ),
+            (
+                r#"{"botId":"B","userId":"u","template":{"elementName":"x"}}"#,
+                "template.language: required",
+            ),
+            (
+                r#"{"botId":"B","userId":"u","template":{"elementName":"x","language":"es","destinations":["v"]}}"#,
+                "template.destinations: must not be given",
+            ),
+            (
+                r#"{"botId":"B","userId":"u","userId":"v","template":{"elementName":"x","language":"es"}}"#,
+                "duplicate field `userId`",
+            ),
+            (
+                r#"{"botId":"B","userId":"u","template":{"elementName":"x","language":"es"},"deadline":"x"}"#,
+                "deadline",
+            ),
+        ];
+        for (body, want) in cases {
+            let e = err(body);
+            assert!(e.reason.contains(want), "{body}: {}", e.reason);
+        }
+        let e = err(r#"{"jobId":"t2","botId":"B","userId":"593","template":{}}"#);
+        assert_eq!(
+            (e.user_id.as_deref(), e.reason.as_str()),
+            (Some("593"), "template.elementName: required")
+        );
+        // Validation off: only the shape is checked.
+        let body = br#"{"botId":"B","userId":"u","template":{}}"#;
+        assert!(parse_job_with(body, None, MAX, false).is_ok());
+        let body = br#"{"botId":"B","userId":"u","template":{"destinations":[]}}"#;
+        assert!(parse_job_with(body, None, MAX, false).is_err());
     }
 
     #[test]
