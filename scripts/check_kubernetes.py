@@ -11,9 +11,12 @@
    (commented-out ones included), and the HTTP paths from src/server.rs.
 3. When kubectl is installed, `kubectl kustomize` builds the directory into the same
    set of resources.
+4. With --worker PATH, the real binary runs with the pod's environment against a
+   broker: it must accept every value, answer the probes and stop on SIGTERM in time.
 
     pip install kubernetes-validate pyyaml     # once
     python3 scripts/check_kubernetes.py        # exit 0: valid and consistent
+    python3 scripts/check_kubernetes.py --worker target/debug/jelou-worker
 
 Its own tests: python3 -B -m unittest discover -s scripts -p 'test_check_kubernetes.py'
 """
@@ -303,6 +306,13 @@ def consistency_errors(m: Manifests, w: Worker) -> list[str]:
             "kills workers that are still draining"
         )
 
+    request_ms = int(config.get("jelou.request_timeout_ms", 0))
+    if request_ms > grace_ms:
+        err(
+            f"jelou.request_timeout_ms ({request_ms}) exceeds shutdown.grace_period_ms ({grace_ms}): "
+            "an attempt under way at SIGTERM could be cut off and its job sent again"
+        )
+
     # --- Hardening and resources -----------------------------------------------------
     psc, csc = pod.get("securityContext", {}) or {}, c.get("securityContext", {}) or {}
     if not (csc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True):
@@ -391,6 +401,123 @@ def consistency_errors(m: Manifests, w: Worker) -> list[str]:
     return errors
 
 
+def pod_environment(m: Manifests) -> tuple[dict[str, str], dict[str, str]]:
+    """The worker container's variables: (literal values, variable -> Secret key)."""
+    deployment = next(o for o in m.objects if o.get("kind") == "Deployment")
+    configmap = next(o for o in m.objects if o.get("kind") == "ConfigMap")
+    c = deployment["spec"]["template"]["spec"]["containers"][0]
+    data = {k: str(v) for k, v in (configmap.get("data") or {}).items()}
+    env, secrets = dict(data), {}
+    for e in c.get("env", []) or []:
+        if "value" in e:
+            env[e["name"]] = str(e["value"])
+        elif ref := get(e, "valueFrom", "secretKeyRef"):
+            secrets[e["name"]] = ref["key"]
+        elif ref := get(e, "valueFrom", "configMapKeyRef"):
+            env[e["name"]] = data[ref["key"]]
+    return env, secrets
+
+
+def smoke_errors(m: Manifests, worker: Path, amqp_url: str) -> tuple[list[str], str]:
+    """Runs the worker binary with the pod's environment against a local broker: it must
+    accept every value, answer /healthz, /readyz and /metrics, and stop on SIGTERM
+    well within terminationGracePeriodSeconds.
+
+    Only what cannot run here is replaced: the secrets (the local broker, dummy Jelou
+    credentials; no job is sent), the queue and exchange names (test.k8s-smoke.*, so
+    nothing of a real topology is declared), and the listen port (a free one, on the
+    ConfigMap's address: the port itself is checked by consistency_errors)."""
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    env, secrets = pod_environment(m)
+    stand_ins = {
+        "JELOU_WORKER__AMQP__URL": amqp_url,
+        "JELOU_WORKER__JELOU__CLIENT_ID": "k8s-smoke",
+        "JELOU_WORKER__JELOU__CLIENT_SECRET": "k8s-smoke-secret",
+    }
+    for var in secrets:
+        env[var] = stand_ins.get(var, "k8s-smoke")
+    prefix = "test.k8s-smoke"
+    env.update({
+        "JELOU_WORKER__AMQP__JOBS_QUEUE": f"{prefix}.jobs",
+        "JELOU_WORKER__AMQP__RESULT_EXCHANGE": f"{prefix}.results",
+        "JELOU_WORKER__AMQP__DEAD_LETTER_EXCHANGE": f"{prefix}.dead",
+        "JELOU_WORKER__AMQP__DEAD_LETTER_QUEUE": f"{prefix}.jobs.dead",
+    })
+    host = env.get("JELOU_WORKER__SERVER__LISTEN", "").rpartition(":")[0] or "0.0.0.0"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env["JELOU_WORKER__SERVER__LISTEN"] = f"{host}:{port}"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX) and k != "RUST_LOG"}
+    full_env.update(env)
+    tgps = next(o for o in m.objects if o.get("kind") == "Deployment")["spec"]["template"]["spec"].get(
+        "terminationGracePeriodSeconds", 30
+    )
+
+    def status(path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except OSError:
+            return 0
+
+    errors: list[str] = []
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [str(worker), "run"], cwd=REPO, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        ready_after = None
+        while time.monotonic() - started < 60 and proc.poll() is None:
+            if status("/healthz") == 200 and status("/readyz") == 200:
+                ready_after = time.monotonic() - started
+                break
+            time.sleep(0.2)
+        if ready_after is None:
+            proc.kill()
+            _, stderr = proc.communicate()
+            last = stderr.strip().splitlines()[-3:]
+            what = "was not ready within 60 s" if proc.returncode == -9 else f"exited {proc.returncode} at start"
+            return [f"the worker with the pod's environment {what}: {' | '.join(last)}"], ""
+        if status("/metrics") != 200:
+            errors.append("the worker with the pod's environment does not serve /metrics")
+        stop = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=tgps)
+        except subprocess.TimeoutExpired:
+            errors.append(f"the worker did not stop within terminationGracePeriodSeconds ({tgps} s) of SIGTERM")
+            return errors, ""
+        stopped_after = time.monotonic() - stop
+        if code != 0:
+            errors.append(f"the worker exited {code} on SIGTERM, not 0")
+        return errors, (
+            f"worker run with the pod's environment: /healthz and /readyz 200 after {ready_after:.1f} s, "
+            f"exit {code} {stopped_after:.2f} s after SIGTERM (terminationGracePeriodSeconds {tgps})"
+        )
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        rabbitmqctl = shutil.which("rabbitmqctl")
+        if rabbitmqctl:
+            listed = subprocess.run(
+                [rabbitmqctl, "-q", "list_queues", "--no-table-headers", "name"],
+                capture_output=True, text=True, timeout=120,
+            )
+            for q in listed.stdout.split():
+                if q.startswith(prefix + "."):
+                    subprocess.run([rabbitmqctl, "-q", "delete_queue", q], capture_output=True, timeout=120)
+
+
 def schema_errors(m: Manifests, versions: list[str]) -> list[str]:
     """The core resources against the Kubernetes schemas (strict: no unknown fields)."""
     try:
@@ -437,6 +564,16 @@ def main() -> int:
         default=DEFAULT_K8S_VERSIONS,
         help=f"comma-separated (default {DEFAULT_K8S_VERSIONS})",
     )
+    parser.add_argument(
+        "--worker",
+        type=Path,
+        help="also run this jelou-worker binary with the pod's environment (needs a broker)",
+    )
+    parser.add_argument(
+        "--amqp-url",
+        default="amqp://guest:guest@127.0.0.1:5672/%2f",
+        help="the broker for --worker (default: the local one)",
+    )
     args = parser.parse_args()
     m = Manifests.load(args.dir)
     w = Worker.from_repo()
@@ -449,6 +586,11 @@ def main() -> int:
     errors += more
     if note:
         print(note)
+    if args.worker and not errors:
+        more, note = smoke_errors(m, args.worker, args.amqp_url)
+        errors += more
+        if note:
+            print(note)
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
     if errors:

@@ -70,6 +70,17 @@ class WhatTheWorkerKnows(unittest.TestCase):
         self.assertIsNone(ck.env_to_key("JELOU_WORKER__AMQP"))
 
 
+class ThePodsEnvironment(unittest.TestCase):
+    def test_is_the_configmap_plus_the_secret_references(self):
+        env, secrets = ck.pod_environment(MANIFESTS)
+        self.assertEqual(env["JELOU_WORKER__SERVER__LISTEN"], "0.0.0.0:9464")
+        self.assertEqual(secrets, {
+            "JELOU_WORKER__AMQP__URL": "amqp-url",
+            "JELOU_WORKER__JELOU__CLIENT_ID": "jelou-client-id",
+            "JELOU_WORKER__JELOU__CLIENT_SECRET": "jelou-client-secret",
+        })
+
+
 class ABrokenManifestFails(unittest.TestCase):
     """Each case breaks one thing in a copy of the real manifests."""
 
@@ -89,6 +100,11 @@ class ABrokenManifestFails(unittest.TestCase):
         def breaks(m):
             kind(m, "ConfigMap")["data"]["JELOU_WORKER__SHUTDOWN__GRACE_PERIOD_MS"] = "60000"
         self.fails(breaks, "terminationGracePeriodSeconds")
+
+    def test_request_timeout_longer_than_the_grace_period(self):
+        def breaks(m):
+            kind(m, "ConfigMap")["data"]["JELOU_WORKER__JELOU__REQUEST_TIMEOUT_MS"] = "60000"
+        self.fails(breaks, "could be cut off")
 
     def test_probe_on_the_wrong_port(self):
         def breaks(m):
