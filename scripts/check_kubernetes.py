@@ -3,7 +3,9 @@
 
 1. Every core resource (and the Secret example) is valid against the Kubernetes
    OpenAPI schemas bundled by `kubernetes-validate`, in strict mode (an unknown or
-   misspelt field is an error), for each Kubernetes version in --kubernetes-versions.
+   misspelt field is an error), for each Kubernetes version in --kubernetes-versions;
+   KEDA's resources against the schemas of KEDA's CRDs (scripts/kubernetes-schemas/),
+   strict too.
 2. The values that must agree do: ports, probe paths, grace periods, queue names,
    secret keys, and every JELOU_WORKER__<SECTION>__<KEY> variable names a key the
    worker knows. What the worker knows is read at run time from the repository:
@@ -51,8 +53,21 @@ STOP_MARGIN_S = 10
 # 22.4 MiB) before counting what large jobs hold in memory.
 MEASURED_BASE_RSS_MIB = 22.4
 DEFAULT_K8S_VERSIONS = "1.30,1.37"
-# API groups of custom resources (KEDA's), which kubernetes-validate has no schema for.
+# Custom resources (KEDA's), which kubernetes-validate has no schema for: validated
+# against the CRDs' own schemas, kept in scripts/kubernetes-schemas/.
 CUSTOM_GROUPS = {"keda.sh"}
+CUSTOM_SCHEMAS = Path(__file__).resolve().parent / "kubernetes-schemas"
+# The parameters of KEDA's RabbitMQ scaler (v2.20, pkg/scalers/rabbitmq_scaler.go):
+# those it reads from a trigger's metadata, and those a TriggerAuthentication may give.
+RABBITMQ_METADATA = {
+    "queueName", "mode", "queueLength", "value", "activationValue", "host", "hostFromEnv",
+    "protocol", "vhostName", "useRegex", "excludeUnacknowledged", "pageSize", "operation",
+    "timeout", "unsafeSsl",
+}
+RABBITMQ_AUTH_PARAMETERS = {
+    "host", "protocol", "vhostName", "username", "password", "ca", "cert", "key",
+    "keyPassword", "tls", "workloadIdentityResource",
+}
 
 
 @dataclass
@@ -385,6 +400,8 @@ def consistency_errors(m: Manifests, w: Worker) -> list[str]:
                     raise ValueError
             except (TypeError, ValueError):
                 err(f"ScaledObject: the trigger's value {md.get('value')!r} must be a positive number (a string)")
+            for unknown in sorted(set(md) - RABBITMQ_METADATA):
+                err(f"ScaledObject: {unknown!r} is not a parameter of KEDA's rabbitmq scaler")
             for inline in ("host", "password", "username"):
                 if inline in md:
                     err(f"ScaledObject: {inline} is inline in the trigger: use the TriggerAuthentication")
@@ -394,6 +411,8 @@ def consistency_errors(m: Manifests, w: Worker) -> list[str]:
         if "host" not in {r.get("parameter") for r in refs}:
             err("TriggerAuthentication: no secretTargetRef for the parameter host")
         for r in refs:
+            if r.get("parameter") not in RABBITMQ_AUTH_PARAMETERS:
+                err(f"TriggerAuthentication: {r.get('parameter')!r} is not a parameter of KEDA's rabbitmq scaler")
             secret_ref(f"TriggerAuthentication: parameter {r.get('parameter')}", r.get("name"), r.get("key"))
 
     for key in sorted(secret_keys - used_secret_keys):
@@ -518,6 +537,38 @@ def smoke_errors(m: Manifests, worker: Path, amqp_url: str) -> tuple[list[str], 
                     subprocess.run([rabbitmqctl, "-q", "delete_queue", q], capture_output=True, timeout=120)
 
 
+def strict(schema: object) -> object:
+    """An OpenAPI schema that rejects unknown fields, as `kubectl --validate=strict` does."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [strict(v) for v in schema]
+    return schema
+
+
+def custom_resource_errors(obj: dict) -> list[str]:
+    import json
+
+    import jsonschema
+
+    group, _, version = obj.get("apiVersion", "").partition("/")
+    what = f"{obj.get('kind')}/{get(obj, 'metadata', 'name')}"
+    path = CUSTOM_SCHEMAS / f"{str(obj.get('kind')).lower()}-{group.split('.')[0]}-{version}.json"
+    if not path.exists():
+        return [f"{what}: no schema for {obj.get('apiVersion')} {obj.get('kind')} in {CUSTOM_SCHEMAS}"]
+    validator = jsonschema.Draft202012Validator(strict(json.loads(path.read_text())))
+    return [
+        f"{what} ({path.name}): {'.'.join(str(p) for p in e.path)}: {e.message}"
+        for e in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.path)))
+    ]
+
+
 def schema_errors(m: Manifests, versions: list[str]) -> list[str]:
     """The core resources against the Kubernetes schemas (strict: no unknown fields)."""
     try:
@@ -527,7 +578,8 @@ def schema_errors(m: Manifests, versions: list[str]) -> list[str]:
     errors = []
     for obj in m.all_objects():
         if obj.get("apiVersion", "").split("/")[0] in CUSTOM_GROUPS:
-            continue  # no schema bundled: checked by consistency_errors
+            errors += custom_resource_errors(obj)
+            continue
         what = f"{obj.get('kind')}/{get(obj, 'metadata', 'name')}"
         for version in versions:
             try:
@@ -579,7 +631,7 @@ def main() -> int:
     w = Worker.from_repo()
     versions = [v.strip() for v in args.kubernetes_versions.split(",") if v.strip()]
     errors = schema_errors(m, versions)
-    print(f"schemas: {len(m.all_objects())} resources against Kubernetes {', '.join(versions)} (strict)")
+    print(f"schemas: {len(m.all_objects())} resources against Kubernetes {', '.join(versions)} and KEDA's CRDs (strict)")
     errors += consistency_errors(m, w)
     print(f"consistency: {len(w.keys)} configuration keys from config/default.toml, routes {sorted(w.routes)}")
     more, note = kustomize_errors(m)

@@ -204,6 +204,12 @@ class ABrokenManifestFails(unittest.TestCase):
             kind(m, "Service")["spec"]["selector"] = {"app": "jelou"}
         self.fails(breaks, "Service: selector")
 
+    def test_a_trigger_parameter_keda_does_not_know(self):
+        def breaks(m):
+            trigger(m)["metadata"]["queueLength"] = "1000"
+            trigger(m)["metadata"]["queue"] = "jelou.jobs"
+        self.fails(breaks, "'queue' is not a parameter")
+
     def test_secret_listed_in_the_kustomization(self):
         def breaks(m):
             m.objects.append(m.secret)
@@ -225,6 +231,17 @@ class TheSchemasCatch(unittest.TestCase):
         def breaks(m):
             kind(m, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = "45s"
         self.assertIn("terminationGracePeriodSeconds", "\n".join(self.errors(breaks)))
+
+    def test_a_misspelt_keda_field(self):
+        def breaks(m):
+            spec = kind(m, "ScaledObject")["spec"]
+            spec["cooldownPeriods"] = spec.pop("cooldownPeriod")
+        self.assertIn("cooldownPeriods", "\n".join(self.errors(breaks)))
+
+    def test_a_wrong_keda_type(self):
+        def breaks(m):
+            kind(m, "ScaledObject")["spec"]["maxReplicaCount"] = "16"
+        self.assertIn("maxReplicaCount", "\n".join(self.errors(breaks)))
 
     def test_a_kind_that_does_not_exist(self):
         def breaks(m):
