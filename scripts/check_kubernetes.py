@@ -532,9 +532,14 @@ def smoke_errors(m: Manifests, worker: Path, amqp_url: str) -> tuple[list[str], 
                 [rabbitmqctl, "-q", "list_queues", "--no-table-headers", "name"],
                 capture_output=True, text=True, timeout=120,
             )
-            for q in listed.stdout.split():
-                if q.startswith(prefix + "."):
-                    subprocess.run([rabbitmqctl, "-q", "delete_queue", q], capture_output=True, timeout=120)
+            from concurrent.futures import ThreadPoolExecutor
+
+            ours = [q for q in listed.stdout.split() if q.startswith(prefix + ".")]
+            with ThreadPoolExecutor(max_workers=4) as pool:  # rabbitmqctl takes ~1 s a call
+                list(pool.map(
+                    lambda q: subprocess.run([rabbitmqctl, "-q", "delete_queue", q], capture_output=True, timeout=120),
+                    ours,
+                ))
 
 
 def strict(schema: object) -> object:
