@@ -391,7 +391,27 @@ def consistency_errors(m: Manifests, w: Worker) -> list[str]:
         jobs_queue = config.get("amqp.jobs_queue")
         for t in triggers:
             md = t.get("metadata", {}) or {}
-            if md.get("queueName") != jobs_queue:
+            ordered = str(config.get("order.enabled", "true")).lower() != "false"
+            if str(md.get("useRegex", "false")).lower() == "true":
+                # With order on the backlog is in the partition queues too: the regex
+                # must take the jobs queue and every partition queue, not a wait queue.
+                try:
+                    pattern = re.compile(md.get("queueName") or "")
+                except re.error as e:
+                    err(f"ScaledObject: queueName is not a regular expression: {e}")
+                    pattern = None
+                wanted = [jobs_queue] + [f"{jobs_queue}.order.{p}" for p in (0, 15)]
+                for name in wanted if pattern else []:
+                    if not pattern.fullmatch(name):
+                        err(f"ScaledObject: the trigger's queueName does not match {name!r}")
+                if pattern and pattern.fullmatch(f"{jobs_queue}.order.0.wait"):
+                    err("ScaledObject: the trigger counts a wait queue (its jobs are held by a worker)")
+                if md.get("protocol") != "http" or md.get("operation") != "sum":
+                    err("ScaledObject: a queueName regex needs protocol http and operation sum")
+            elif ordered:
+                err("ScaledObject: with order on the backlog sits in the partition queues: "
+                    "match <jobs_queue>(.order.<n>)? with useRegex")
+            elif md.get("queueName") != jobs_queue:
                 err(f"ScaledObject: the trigger's queueName {md.get('queueName')!r} is not amqp.jobs_queue {jobs_queue!r}")
             if md.get("mode") not in ("QueueLength", "MessageRate"):
                 err(f"ScaledObject: mode {md.get('mode')!r} is not QueueLength or MessageRate")

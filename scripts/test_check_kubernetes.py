@@ -51,12 +51,12 @@ class WhatTheWorkerKnows(unittest.TestCase):
 
     def test_a_key_added_to_default_toml_is_known_without_touching_the_checker(self):
         toml = (ck.REPO / "config/default.toml").read_text() + (
-            "\n[order]\n# Keep per-user order.\nenabled = true\npartitions = 16\n# wait_bound_ms = 5\n"
+            "\n[fleet]\n# A section the checker has never seen.\nsize = 3\n# spare = 1\n"
         )
         w = ck.Worker.from_sources(toml, (ck.REPO / "src/server.rs").read_text())
-        self.assertTrue({"order.enabled", "order.partitions", "order.wait_bound_ms"} <= w.keys)
+        self.assertTrue({"fleet.size", "fleet.spare", "order.partitions"} <= w.keys)
         m = copy.deepcopy(MANIFESTS)
-        kind(m, "ConfigMap")["data"]["JELOU_WORKER__ORDER__PARTITIONS"] = "16"
+        kind(m, "ConfigMap")["data"]["JELOU_WORKER__FLEET__SIZE"] = "3"
         self.assertEqual(ck.consistency_errors(m, w), [])
         # And more replicas than partitions is then a mistake.
         kind(m, "ScaledObject")["spec"]["maxReplicaCount"] = 20
@@ -166,7 +166,19 @@ class ABrokenManifestFails(unittest.TestCase):
     def test_keda_watches_another_queue(self):
         def breaks(m):
             kind(m, "ConfigMap")["data"]["JELOU_WORKER__AMQP__JOBS_QUEUE"] = "acme.jobs"
-        self.fails(breaks, "is not amqp.jobs_queue 'acme.jobs'")
+        self.fails(breaks, "the trigger's queueName does not match 'acme.jobs.order.0'")
+
+    def test_keda_counts_only_the_jobs_queue_while_order_is_on(self):
+        def breaks(m):
+            md = kind(m, "ScaledObject")["spec"]["triggers"][0]["metadata"]
+            md["useRegex"] = "false"
+            md["queueName"] = "jelou.jobs"
+        self.fails(breaks, "the backlog sits in the partition queues")
+
+    def test_keda_counts_a_wait_queue(self):
+        def breaks(m):
+            kind(m, "ScaledObject")["spec"]["triggers"][0]["metadata"]["queueName"] = "^jelou\\.jobs.*$"
+        self.fails(breaks, "counts a wait queue")
 
     def test_keda_scales_down_faster_than_a_worker_drains(self):
         def breaks(m):
