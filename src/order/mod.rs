@@ -53,7 +53,7 @@ const REBALANCE_EVERY: Duration = Duration::from_secs(1);
 /// What the ordered consumption needs from its session.
 pub(crate) struct Ctx<'a> {
     pub(crate) shared: Arc<Shared>,
-    pub(crate) connection: &'a Connection,
+    pub(crate) connection: Arc<Connection>,
     pub(crate) session: Arc<Session>,
     pub(crate) tracker: &'a TaskTracker,
     pub(crate) stops: &'a Stops,
@@ -63,6 +63,7 @@ pub(crate) struct Ctx<'a> {
 /// The same, owned, for the tasks of the router and the partitions.
 pub(crate) struct Ctx2 {
     shared: Arc<Shared>,
+    connection: Arc<Connection>,
     session: Arc<Session>,
     tracker: TaskTracker,
     stops: Stops,
@@ -80,8 +81,7 @@ struct Handle {
 /// (`Ok(Some(reason))`).
 pub(crate) async fn consume(ctx: Ctx<'_>) -> Result<Option<String>, BrokerError> {
     let timeout = ctx.shared.settings.amqp.operation_timeout();
-    let open = || bounded(timeout, "channel.open", ctx.connection.create_channel());
-    let members_channel = open().await?;
+    let members_channel = bounded(timeout, "channel.open", ctx.connection.create_channel()).await?;
     let members = ctx.shared.topology.members_queue();
     let _membership = consume::consume(
         &members_channel,
@@ -93,17 +93,13 @@ pub(crate) async fn consume(ctx: Ctx<'_>) -> Result<Option<String>, BrokerError>
     .await?;
     let owned_ctx = Arc::new(Ctx2 {
         shared: ctx.shared.clone(),
+        connection: ctx.connection.clone(),
         session: ctx.session.clone(),
         tracker: ctx.tracker.clone(),
         stops: ctx.stops.clone(),
         tag: ctx.tag.to_string(),
     });
-    let mut router = tokio::spawn(router::run(
-        owned_ctx.clone(),
-        open().await?,
-        open().await?,
-        open().await?,
-    ));
+    let mut router = tokio::spawn(router::run(owned_ctx.clone()));
     ctx.shared.set_ready(true);
     tracing::info!(
         partitions = ctx.shared.topology.partitions,
@@ -117,11 +113,13 @@ pub(crate) async fn consume(ctx: Ctx<'_>) -> Result<Option<String>, BrokerError>
             _ = ctx.stops.shutdown.cancelled() => break None,
             _ = ctx.session.lost.cancelled() => break Some("the session was lost".to_string()),
             routed = &mut router => break Some(match routed {
-                Ok(Ok(())) => "the router stopped".into(),
-                Ok(Err(reason)) => reason,
+                Ok(()) => "the router stopped".into(),
                 Err(e) => format!("the router panicked: {e}"),
             }),
             _ = tick.tick() => {
+                if !ctx.connection.status().connected() {
+                    break Some("the connection was lost".to_string());
+                }
                 if let Some(reason) = reap(&mut partitions) {
                     break Some(reason);
                 }
@@ -153,7 +151,9 @@ pub(crate) async fn consume(ctx: Ctx<'_>) -> Result<Option<String>, BrokerError>
     Ok(None)
 }
 
-/// Removes ended partition tasks; a task that failed ends the session.
+/// Removes ended partition tasks. A partition that failed (a subscription that got
+/// no answer, a closed channel) is watched again at the next tick; only a panic ends
+/// the session.
 fn reap(partitions: &mut HashMap<u16, Handle>) -> Option<String> {
     let ended: Vec<u16> = partitions
         .iter()
@@ -164,7 +164,13 @@ fn reap(partitions: &mut HashMap<u16, Handle>) -> Option<String> {
         let h = partitions.remove(&p).expect("listed");
         match futures_util::FutureExt::now_or_never(h.task) {
             Some(Ok(Ok(()))) | None => {}
-            Some(Ok(Err(reason))) => return Some(reason),
+            Some(Ok(Err(reason))) => {
+                tracing::warn!(
+                    partition = p,
+                    reason,
+                    "a partition stopped; watching it again"
+                )
+            }
             Some(Err(e)) => return Some(format!("partition {p} panicked: {e}")),
         }
     }

@@ -38,7 +38,12 @@ use super::{
     lease,
 };
 use crate::{
-    broker::{BrokerError, acks::Acks, bounded, consume::consume},
+    broker::{
+        BrokerError,
+        acks::Acks,
+        bounded,
+        consume::{close_later, consume},
+    },
     job::{RetryState, header, int_header, parse_job_with, string_header},
     pipeline::{self, Ended, WaitPlace, decide},
 };
@@ -84,8 +89,17 @@ impl Partition {
         format!("{}-p{}-{what}", self.ctx.tag, self.number)
     }
 
-    /// Runs until stopped or shutdown (`Ok`), or a broker failure (`Err`).
+    /// Runs until stopped or shutdown (`Ok`), or a broker failure (`Err`), and closes
+    /// its channel: whatever it still held goes back to the broker.
     pub(super) async fn run(self) -> Result<(), String> {
+        let ran = self.watch_and_own().await;
+        if ran.is_err() {
+            close_later(self.channel.clone(), "partition failed");
+        }
+        ran
+    }
+
+    async fn watch_and_own(&self) -> Result<(), String> {
         let timeout = self.ctx.shared.settings.amqp.operation_timeout();
         let err = |e: BrokerError| e.to_string();
         let queue = self.wait_queue();
@@ -375,7 +389,14 @@ impl Partition {
             }
         };
         cancel(self.tag("jobs")).await?;
-        o.jobs = None;
+        // Deliveries that arrived before the cancel are held and handed back in order
+        // with the rest: left to the channel's close, they would return to the back
+        // of the partition queue, behind later jobs of their users.
+        if let Some(mut jobs) = o.jobs.take() {
+            while let Ok(Some(Ok(d))) = tokio::time::timeout(timeout, jobs.next()).await {
+                self.hold(o, d, false);
+            }
+        }
         // The running jobs finish (at shutdown, within the grace period: a job that
         // waits is handed back to the wait queue by itself).
         while o.running > 0 {
@@ -385,6 +406,13 @@ impl Partition {
             }
         }
         cancel(self.tag("wait")).await?;
+        while let Ok(Some(Ok(d))) = tokio::time::timeout(timeout, o.wait.next()).await {
+            if lease::is_token(&d) {
+                let _ = d.acker.ack(BasicAckOptions::default()).await;
+            } else {
+                self.hold(o, d, true);
+            }
+        }
         let held = o.lanes.drain_held();
         let count = held.len();
         for h in held {

@@ -20,7 +20,12 @@ use lapin::{
 
 use super::{Ctx2, lease, partition_of};
 use crate::{
-    broker::{BrokerError, acks::Acks, bounded, consume::consume},
+    broker::{
+        BrokerError,
+        acks::Acks,
+        bounded,
+        consume::{close_later, consume},
+    },
     job::{header, parse_job_with, remove},
 };
 
@@ -38,23 +43,60 @@ impl Sequencer {
     }
 }
 
-/// Runs until shutdown (`Ok`) or a failure (`Err(reason)`): waits for the router's
-/// token, then routes.
-pub(super) async fn run(
-    ctx: Arc<Ctx2>,
-    lease_channel: Channel,
-    route_channel: Channel,
-    publish_channel: Channel,
+/// Runs until shutdown or the session's end: waits for the router's token, then
+/// routes. A failure of its own (a subscription without an answer, a channel closed)
+/// is retried on new channels a second later: the router's token went back with them.
+pub(super) async fn run(ctx: Arc<Ctx2>) {
+    loop {
+        let attempt = lead(&ctx).await;
+        if ctx.stops.shutdown.is_cancelled() || ctx.session.lost.is_cancelled() {
+            return;
+        }
+        if let Err(reason) = attempt {
+            tracing::warn!(reason, "the router stopped; trying again");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = ctx.stops.shutdown.cancelled() => return,
+            _ = ctx.session.lost.cancelled() => return,
+        }
+    }
+}
+
+/// One term: opens its channels, waits for the token, routes until shutdown, and
+/// closes its channels (returning the token and whatever was not acked).
+async fn lead(ctx: &Ctx2) -> Result<(), String> {
+    let timeout = ctx.shared.settings.amqp.operation_timeout();
+    let open = || bounded(timeout, "channel.open", ctx.connection.create_channel());
+    let err = |e: BrokerError| e.to_string();
+    let channels = [
+        open().await.map_err(err)?,
+        open().await.map_err(err)?,
+        open().await.map_err(err)?,
+    ];
+    let [lease, route_channel, publish_channel] = &channels;
+    let led = hold_and_route(ctx, lease, route_channel, publish_channel).await;
+    for channel in channels {
+        close_later(channel, "router stopped");
+    }
+    led
+}
+
+async fn hold_and_route(
+    ctx: &Ctx2,
+    lease_channel: &Channel,
+    route_channel: &Channel,
+    publish_channel: &Channel,
 ) -> Result<(), String> {
     let shared = &ctx.shared;
     let timeout = shared.settings.amqp.operation_timeout();
     let queue = shared.topology.router_queue();
     let err = |e: BrokerError| e.to_string();
-    lease::ensure_token(&lease_channel, &ctx.session.publisher, &queue, timeout)
+    lease::ensure_token(lease_channel, &ctx.session.publisher, &queue, timeout)
         .await
         .map_err(err)?;
     let mut lease = consume(
-        &lease_channel,
+        lease_channel,
         &queue,
         &format!("{}-router-lease", ctx.tag),
         1,
@@ -62,7 +104,7 @@ pub(super) async fn run(
     )
     .await
     .map_err(err)?;
-    let token = loop {
+    let _token = loop {
         tokio::select! {
             _ = ctx.stops.shutdown.cancelled() => return Ok(()),
             _ = ctx.session.lost.cancelled() => return Err("the session was lost".into()),
@@ -79,11 +121,10 @@ pub(super) async fn run(
     };
     tracing::info!("routing the jobs queue into the partitions");
     shared.metrics.order.router_active.set(1);
-    let routed = route(&ctx, &route_channel, &publish_channel).await;
+    // The token goes back last (with its channel), when every routed job is
+    // confirmed and acked.
+    let routed = route(ctx, route_channel, publish_channel).await;
     shared.metrics.order.router_active.set(0);
-    // The token goes back last, when every routed job is confirmed and acked.
-    drop(token);
-    let _ = tokio::time::timeout(timeout, lease_channel.close(200, "router stopped".into())).await;
     routed
 }
 
@@ -172,6 +213,24 @@ async fn route(
         .await;
     }
     if end.is_ok() {
+        // What the broker delivered before the cancel is routed too: handed back
+        // instead, it would return to the back of the jobs queue, behind later jobs
+        // of the same users.
+        let mut sequencer = sequencer;
+        let rest = tokio::time::timeout(timeout, async {
+            for consumer in [&mut jobs, &mut retries] {
+                while let Some(Ok(delivery)) = consumer.next().await {
+                    let seq = sequencer.next(chrono::Utc::now().timestamp_micros().max(0) as u64);
+                    let confirm = forward(ctx, publish_channel, &delivery, seq, timeout).await?;
+                    let tag = delivery.delivery_tag;
+                    pending.push_back(Box::pin(async move { (confirm.await, tag) }));
+                }
+            }
+            Ok::<(), BrokerError>(())
+        });
+        if !matches!(rest.await, Ok(Ok(()))) {
+            return Err("could not route what was delivered before stopping".into());
+        }
         // Finish what is in flight: every routed job confirmed, then acked.
         let confirmed = tokio::time::timeout(timeout, async {
             while let Some((confirmed, tag)) = pending.next().await {
@@ -182,8 +241,6 @@ async fn route(
         });
         let _ = confirmed.await;
         let _ = tokio::time::timeout(timeout, acks.flush()).await;
-        let _ =
-            tokio::time::timeout(timeout, route_channel.close(200, "router stopped".into())).await;
     }
     end
 }

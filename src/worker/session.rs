@@ -48,7 +48,7 @@ pub(super) async fn session(
     let host = hostname();
     let name = format!("jelou-worker {host} pid {}", std::process::id());
     let connected = broker::connect_from(amqp, &name, place.next_node).await?;
-    let connection = connected.connection;
+    let connection = Arc::new(connected.connection);
     place.next_node = Some(connected.next_start);
     shared.metrics.connected_to(&connected.node);
     tracing::info!(node = connected.node, "connected to the broker");
@@ -71,7 +71,7 @@ pub(super) async fn session(
     let consumed = if shared.settings.order.enabled {
         let ctx = order::Ctx {
             shared: shared.clone(),
-            connection: &connection,
+            connection: connection.clone(),
             session: session.clone(),
             tracker,
             stops,
