@@ -1,4 +1,4 @@
-//! Prometheus metrics, exposed at `/metrics` (OpenMetrics text) by [`crate::server`].
+//! Prometheus metrics, exposed at `/metrics` (OpenMetrics text) by the `server` module.
 //!
 //! Every name starts with `jelou_worker_`; counters end in `_total`, durations are in
 //! seconds, as Prometheus' naming conventions ask.

@@ -1,6 +1,6 @@
 //! One delivery, from the broker's hand to its acknowledgement: read, decide, send,
-//! publish the outcome, ack. The consumers ([`crate::worker`] without order,
-//! [`crate::order`] with it) hand each delivery to [`process`] and learn how it
+//! publish the outcome, ack. The consumers (the `worker` module without order,
+//! the `order` module with it) hand each delivery to [`process`] and learn how it
 //! ended ([`Ended`]).
 //!
 //! | file | concern |

@@ -12,7 +12,7 @@
 //!   consumer sleeps out what is left;
 //! - ordered: to its partition's wait queue (`<jobs_queue>.order.<n>.wait`), which the
 //!   partition's owner holds in memory and releases each job when it is due and its
-//!   user's earlier jobs are done (see [`crate::order`]).
+//!   user's earlier jobs are done (see the `order` module).
 
 use std::time::Duration;
 
