@@ -131,99 +131,135 @@ async fn hold_and_route(
 type Pending =
     FuturesOrdered<futures_util::future::BoxFuture<'static, (lapin::Result<Confirmation>, u64)>>;
 
+/// The router's moving parts while it routes.
+struct Routing<'a> {
+    ctx: &'a Ctx2,
+    publish_channel: &'a Channel,
+    acks: Acks,
+    sequencer: Sequencer,
+    /// Routed jobs waiting for their copy's confirm, in routing order.
+    pending: Pending,
+    timeout: Duration,
+}
+
 /// Consumes the jobs and retry queues and routes each delivery, until shutdown.
 async fn route(
     ctx: &Ctx2,
     route_channel: &Channel,
     publish_channel: &Channel,
 ) -> Result<(), String> {
-    let shared = &ctx.shared;
-    let amqp = &shared.settings.amqp;
+    let amqp = &ctx.shared.settings.amqp;
     let timeout = amqp.operation_timeout();
     let err = |e: BrokerError| e.to_string();
-    bounded(
-        timeout,
-        "confirm.select",
-        publish_channel.confirm_select(ConfirmSelectOptions::default()),
-    )
-    .await
-    .map_err(err)?;
+    let select = publish_channel.confirm_select(ConfirmSelectOptions::default());
+    bounded(timeout, "confirm.select", select)
+        .await
+        .map_err(err)?;
     let prefetch = amqp.prefetch.saturating_mul(4).min(1024);
-    let jobs_tag = format!("{}-router", ctx.tag);
-    let retry_tag = format!("{}-router-retry", ctx.tag);
-    let mut jobs = consume(
-        route_channel,
-        &amqp.jobs_queue,
-        &jobs_tag,
-        prefetch,
-        timeout,
-    )
-    .await
-    .map_err(err)?;
+    let tags = [
+        format!("{}-router", ctx.tag),
+        format!("{}-router-retry", ctx.tag),
+    ];
+    let retry_queue = ctx.shared.topology.retry_queue();
+    let mut jobs = consume(route_channel, &amqp.jobs_queue, &tags[0], prefetch, timeout)
+        .await
+        .map_err(err)?;
     let mut retries = consume(
         route_channel,
-        &shared.topology.retry_queue(),
-        &retry_tag,
+        &retry_queue,
+        &tags[1],
         prefetch / 4 + 1,
         timeout,
     )
     .await
     .map_err(err)?;
-    let acks = Acks::start(route_channel.clone(), ctx.session.lost.clone());
-    let mut sequencer = Sequencer { last: 0 };
-    let mut pending: Pending = FuturesOrdered::new();
-    let end = loop {
-        let delivery = tokio::select! {
-            _ = ctx.stops.shutdown.cancelled() => break Ok(()),
-            _ = ctx.session.lost.cancelled() => break Err("the session was lost".to_string()),
-            Some((confirmed, tag)) = pending.next() => {
-                match confirmed {
-                    Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => acks.ack(tag),
-                    Ok(Confirmation::Ack(Some(_))) => break Err("a partition queue is missing (declare the topology: amqp.declare_topology)".into()),
-                    Ok(Confirmation::Nack(_)) => break Err("the broker refused a routed job (nack)".into()),
-                    Err(e) => break Err(e.to_string()),
-                }
-                continue;
-            }
-            next = jobs.next() => next,
-            next = retries.next() => next,
-        };
-        let delivery = match delivery {
-            Some(Ok(d)) => d,
-            Some(Err(e)) => break Err(e.to_string()),
-            None => {
-                break Err("the broker cancelled the router's consumer (queue deleted?)".into());
-            }
-        };
-        let seq = sequencer.next(chrono::Utc::now().timestamp_micros().max(0) as u64);
-        match forward(ctx, publish_channel, &delivery, seq, timeout).await {
-            Ok(confirm) => {
-                let tag = delivery.delivery_tag;
-                pending.push_back(Box::pin(async move { (confirm.await, tag) }));
-            }
-            Err(e) => break Err(e.to_string()),
-        }
+    let mut r = Routing {
+        ctx,
+        publish_channel,
+        acks: Acks::start(route_channel.clone(), ctx.session.lost.clone()),
+        sequencer: Sequencer { last: 0 },
+        pending: FuturesOrdered::new(),
+        timeout,
     };
-    for tag in [&jobs_tag, &retry_tag] {
-        let _ = bounded(
-            timeout,
-            "basic.cancel",
-            route_channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
-        )
-        .await;
+    let end = r.run(&mut jobs, &mut retries).await;
+    for tag in &tags {
+        let cancel = route_channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+        let _ = bounded(timeout, "basic.cancel", cancel).await;
     }
-    if end.is_ok() {
-        // What the broker delivered before the cancel is routed too: handed back
-        // instead, it would return to the back of the jobs queue, behind later jobs
-        // of the same users.
-        let mut sequencer = sequencer;
+    end?;
+    r.finish(&mut jobs, &mut retries).await
+}
+
+impl Routing<'_> {
+    /// Routes until shutdown (`Ok`) or a failure.
+    async fn run(
+        &mut self,
+        jobs: &mut lapin::Consumer,
+        retries: &mut lapin::Consumer,
+    ) -> Result<(), String> {
+        loop {
+            let delivery = tokio::select! {
+                _ = self.ctx.stops.shutdown.cancelled() => return Ok(()),
+                _ = self.ctx.session.lost.cancelled() => return Err("the session was lost".into()),
+                Some((confirmed, tag)) = self.pending.next() => {
+                    self.settle(confirmed, tag)?;
+                    continue;
+                }
+                next = jobs.next() => next,
+                next = retries.next() => next,
+            };
+            match delivery {
+                Some(Ok(d)) => self.forward(&d).await.map_err(|e| e.to_string())?,
+                Some(Err(e)) => return Err(e.to_string()),
+                None => {
+                    return Err(
+                        "the broker cancelled the router's consumer (queue deleted?)".into(),
+                    );
+                }
+            }
+        }
+    }
+
+    /// A routed job's copy is confirmed: the job is acked.
+    fn settle(&self, confirmed: lapin::Result<Confirmation>, tag: u64) -> Result<(), String> {
+        match confirmed {
+            Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => {
+                self.acks.ack(tag);
+                Ok(())
+            }
+            Ok(Confirmation::Ack(Some(_))) => Err(
+                "a partition queue is missing (declare the topology: amqp.declare_topology)".into(),
+            ),
+            Ok(Confirmation::Nack(_)) => Err("the broker refused a routed job (nack)".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Publishes the copy (its confirm is awaited later, in order).
+    async fn forward(&mut self, delivery: &Delivery) -> Result<(), BrokerError> {
+        let seq = self
+            .sequencer
+            .next(chrono::Utc::now().timestamp_micros().max(0) as u64);
+        let confirm = forward(self.ctx, self.publish_channel, delivery, seq, self.timeout).await?;
+        let tag = delivery.delivery_tag;
+        self.pending
+            .push_back(Box::pin(async move { (confirm.await, tag) }));
+        Ok(())
+    }
+
+    /// After the cancel: routes what the broker delivered before it (handed back
+    /// instead, it would return to the back of the jobs queue, behind later jobs of
+    /// the same users), then waits for every confirm and acks.
+    async fn finish(
+        mut self,
+        jobs: &mut lapin::Consumer,
+        retries: &mut lapin::Consumer,
+    ) -> Result<(), String> {
+        let timeout = self.timeout;
         let rest = tokio::time::timeout(timeout, async {
-            for consumer in [&mut jobs, &mut retries] {
+            for consumer in [jobs, retries] {
                 while let Some(Ok(delivery)) = consumer.next().await {
-                    let seq = sequencer.next(chrono::Utc::now().timestamp_micros().max(0) as u64);
-                    let confirm = forward(ctx, publish_channel, &delivery, seq, timeout).await?;
-                    let tag = delivery.delivery_tag;
-                    pending.push_back(Box::pin(async move { (confirm.await, tag) }));
+                    self.forward(&delivery).await?;
                 }
             }
             Ok::<(), BrokerError>(())
@@ -231,18 +267,17 @@ async fn route(
         if !matches!(rest.await, Ok(Ok(()))) {
             return Err("could not route what was delivered before stopping".into());
         }
-        // Finish what is in flight: every routed job confirmed, then acked.
         let confirmed = tokio::time::timeout(timeout, async {
-            while let Some((confirmed, tag)) = pending.next().await {
-                if let Ok(Confirmation::Ack(None)) = confirmed {
-                    acks.ack(tag);
+            while let Some((confirmed, tag)) = self.pending.next().await {
+                if self.settle(confirmed, tag).is_err() {
+                    break;
                 }
             }
         });
         let _ = confirmed.await;
-        let _ = tokio::time::timeout(timeout, acks.flush()).await;
+        let _ = tokio::time::timeout(timeout, self.acks.flush()).await;
+        Ok(())
     }
-    end
 }
 
 /// Publishes a copy of `delivery` to its user's partition, with its sequence number.
