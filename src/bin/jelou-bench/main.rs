@@ -171,6 +171,10 @@ struct Args {
     /// rebuilt first when run through cargo).
     #[arg(long, value_name = "PATH")]
     worker_bin: Option<PathBuf>,
+    /// The worker's `log.level` (`info` is the default of a deployed worker, and logs
+    /// one line per finished job: compare both to see what logging costs).
+    #[arg(long, default_value = "warn", value_name = "LEVEL")]
+    log_level: String,
     /// Internal: be the null pipeline (configured by JELOU_WORKER__* variables).
     #[arg(long, hide = true)]
     null_pipeline: bool,
@@ -270,6 +274,7 @@ async fn run_bench(args: Args, stand_in: &LeanJelou) -> anyhow::Result<bool> {
         worker_bin,
         self_exe,
         probe,
+        log_level: args.log_level.clone(),
     };
     let mut scenarios = if args.scenarios.is_empty() {
         vec![
@@ -333,6 +338,7 @@ async fn run_bench(args: Args, stand_in: &LeanJelou) -> anyhow::Result<bool> {
             jitter_pct: args.jitter_pct,
             repeat: args.repeat,
             worker_bin: bench.worker_bin.display().to_string(),
+            log_level: args.log_level.clone(),
         },
         ok: problems.is_empty(),
         runs,
@@ -629,7 +635,7 @@ impl Names {
     }
 
     /// The configuration of the child, as `JELOU_WORKER__*` variables.
-    fn child_env(&self, stand_in: &LeanJelou) -> Vec<(String, String)> {
+    fn child_env(&self, stand_in: &LeanJelou, log_level: &str) -> Vec<(String, String)> {
         let a = &self.settings.amqp;
         let url: Vec<&str> = a.url.expose().collect();
         [
@@ -645,7 +651,7 @@ impl Names {
             ("JELOU__CLIENT_SECRET", "jelou-bench".to_string()),
             // Port 0: the system picks a free one; the bench needs no metrics.
             ("SERVER__LISTEN", "127.0.0.1:0".to_string()),
-            ("LOG__LEVEL", "warn".to_string()),
+            ("LOG__LEVEL", log_level.to_string()),
         ]
         .into_iter()
         .map(|(key, value)| (format!("JELOU_WORKER__{key}"), value))
@@ -664,6 +670,8 @@ struct Bench<'a> {
     worker_bin: PathBuf,
     self_exe: PathBuf,
     probe: Probe,
+    /// The worker's `log.level`.
+    log_level: String,
 }
 
 impl Bench<'_> {
@@ -762,7 +770,7 @@ impl Bench<'_> {
         ChildProcess::spawn(
             program,
             args,
-            &names.child_env(self.stand_in),
+            &names.child_env(self.stand_in, &self.log_level),
             log,
             self.clock,
         )
@@ -1650,6 +1658,8 @@ struct Options {
     /// Runs of `instant` and `latency`; the targets use the median.
     repeat: u8,
     worker_bin: String,
+    /// The worker's `log.level`.
+    log_level: String,
 }
 
 /// One run's figures. Shares are of one CPU core over the window (1.0 = a full core).
