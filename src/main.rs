@@ -119,22 +119,28 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the async runtime");
+            logging::finish();
             return ExitCode::FAILURE;
         }
     };
     let result = runtime.block_on(dispatch(cli.command, settings));
-    match result {
+    let code = match result {
         Ok(code) => code,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "failed");
             ExitCode::FAILURE
         }
-    }
+    };
+    // What the runtime logs while it stops is still buffered; then write it all out.
+    drop(runtime);
+    logging::finish();
+    code
 }
 
 async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run => {
+            jelou_worker::metrics::set_prefetch(settings.amqp.prefetch);
             let shutdown = CancellationToken::new();
             tokio::spawn(watch_signals(shutdown.clone()));
             // On a runtime thread, not this one: the jobs the session spawns then start
@@ -258,5 +264,6 @@ async fn watch_signals(shutdown: CancellationToken) {
     shutdown.cancel();
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     tracing::warn!("second signal: exiting now; unfinished jobs return to the queue");
+    logging::finish();
     std::process::exit(130);
 }
