@@ -29,6 +29,11 @@ use crate::config::LogFormat;
 /// that is 0.2 s of stderr not being read.
 pub const BUFFERED_LINES: usize = 4096;
 
+/// After each write, the writer thread pauses this long before it looks for more
+/// lines: lines that come fast are then gathered into one write, and the threads that
+/// log them rarely have to wake it (a wake-up costs more than writing a line).
+const WRITE_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// The target of a panic's line (its `target` field).
 const PANIC_TARGET: &str = "jelou_worker::panic";
 
@@ -58,7 +63,8 @@ pub fn init(format: LogFormat, level: &str) {
         .lossy(true)
         .thread_name("log-writer")
         // The writer thread flushes whenever the buffer is empty: lines never wait in
-        // this BufWriter, they are only gathered into fewer writes.
+        // this BufWriter (nor longer than WRITE_PAUSE in the buffer), they are only
+        // gathered into fewer writes.
         .finish(std::io::BufWriter::with_capacity(64 * 1024, WholeWrites));
     let _ = DROPPED.set(buffered.error_counter());
     *WRITER.lock().unwrap_or_else(|e| e.into_inner()) = Some(guard);
@@ -110,7 +116,8 @@ pub fn dropped_lines() -> u64 {
 }
 
 /// stderr, each write made whole under stderr's lock: a batch of lines from the
-/// writer thread never interleaves with a line written directly (a panic's).
+/// writer thread never interleaves with a line written directly (a panic's). The
+/// writer thread flushes it after each batch and then pauses ([`WRITE_PAUSE`]).
 struct WholeWrites;
 
 impl Write for WholeWrites {
@@ -120,7 +127,9 @@ impl Write for WholeWrites {
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stderr().flush()
+        std::io::stderr().flush()?;
+        std::thread::sleep(WRITE_PAUSE);
+        Ok(())
     }
 }
 
