@@ -156,19 +156,26 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) if reporting == Reporting::Logged => {
             tracing::error!(error = %e, "cannot start the async runtime");
+            logging::finish();
             return ExitCode::FAILURE;
         }
         Err(e) => {
-            return failed(
+            let code = failed(
                 reporting,
                 &anyhow::Error::new(e).context("cannot start the async runtime"),
             );
+            logging::finish();
+            return code;
         }
     };
-    match runtime.block_on(dispatch(cli.command, settings)) {
+    let code = match runtime.block_on(dispatch(cli.command, settings)) {
         Ok(code) => code,
         Err(e) => failed(reporting, &e),
-    }
+    };
+    // What the runtime logs while it stops is still buffered; then write it all out.
+    drop(runtime);
+    logging::finish();
+    code
 }
 
 /// A configuration that cannot be used: one line naming the key, exit status 2.
@@ -272,6 +279,7 @@ fn success_if(ok: bool) -> ExitCode {
 
 /// The daemon, until SIGTERM/SIGINT.
 async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
+    jelou_worker::metrics::set_prefetch(settings.amqp.prefetch);
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
     // On a runtime thread, not this one: the jobs the session spawns then start
@@ -369,5 +377,6 @@ async fn watch_signals(shutdown: CancellationToken) {
     shutdown.cancel();
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     tracing::warn!("second signal: exiting now; unfinished jobs return to the queue");
+    logging::finish();
     std::process::exit(130);
 }

@@ -3,12 +3,15 @@
 //! Every name starts with `jelou_worker_`; counters end in `_total`, durations are in
 //! seconds, as Prometheus' naming conventions ask.
 
+use std::sync::atomic::{AtomicI64, Ordering};
+
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
     metrics::{
-        counter::Counter,
+        counter::{ConstCounter, Counter},
         family::Family,
-        gauge::Gauge,
+        gauge::{ConstGauge, Gauge},
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
@@ -62,6 +65,42 @@ pub struct Metrics {
     pub(crate) jobs_handed_back: Counter,
     pub(crate) order: OrderMetrics,
     current_node: std::sync::Mutex<Option<String>>,
+}
+
+/// `amqp.prefetch` of the worker this process runs; 0 until [`set_prefetch`].
+static PREFETCH: AtomicI64 = AtomicI64::new(0);
+
+/// Records `amqp.prefetch` for `jelou_worker_prefetch` (`run` does, at start).
+pub fn set_prefetch(prefetch: u16) {
+    PREFETCH.store(i64::from(prefetch), Ordering::Relaxed);
+}
+
+/// What belongs to the process rather than to one worker's [`Metrics`], read at each
+/// scrape: the log lines [`crate::logging`] had to drop, and the prefetch.
+#[derive(Debug)]
+struct ProcessFigures;
+
+impl Collector for ProcessFigures {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let dropped = ConstCounter::new(crate::logging::dropped_lines());
+        dropped.encode(encoder.encode_descriptor(
+            "log_lines_dropped",
+            "Log lines dropped because the log buffer was full (stderr read too slowly)",
+            None,
+            dropped.metric_type(),
+        )?)?;
+        let prefetch = PREFETCH.load(Ordering::Relaxed);
+        if prefetch > 0 {
+            let prefetch = ConstGauge::new(prefetch);
+            prefetch.encode(encoder.encode_descriptor(
+                "prefetch",
+                "amqp.prefetch: jobs in flight at most from the jobs queue (the retry queue adds up to a quarter)",
+                None,
+                prefetch.metric_type(),
+            )?)?;
+        }
+        Ok(())
+    }
 }
 
 /// Values of `jelou_worker_circuit_state`.
@@ -171,6 +210,7 @@ impl Metrics {
             jobs_handed_back.clone(),
         );
         let order = OrderMetrics::register(&mut registry);
+        registry.register_collector(Box::new(ProcessFigures));
         Self {
             registry,
             order,
@@ -242,6 +282,10 @@ pub(crate) struct WaitLabels {
     pub reason: &'static str,
 }
 
+/// The reasons of [`WaitLabels`].
+pub(crate) const WAIT_REASONS: [&str; 5] =
+    ["user_order", "bot_pause", "bot_pace", "user_pace", "retry"];
+
 /// What waits and why, and the partitions of the work this worker owns (order on).
 pub(crate) struct OrderMetrics {
     /// Jobs this worker holds that wait now, by reason (order on: the jobs of the
@@ -280,6 +324,12 @@ impl OrderMetrics {
             "1 while this worker routes the jobs queue into the partitions",
             m.router_active.clone(),
         );
+        // Every reason from the start, at zero: a panel or an alert over them has a
+        // series before the first wait.
+        for reason in WAIT_REASONS {
+            let _ = m.waiting.get_or_create(&WaitLabels { reason });
+            let _ = m.waits.get_or_create(&WaitLabels { reason });
+        }
         m
     }
 
@@ -334,6 +384,16 @@ mod tests {
         assert!(!text.contains("5672\""), "{text}");
         assert!(
             text.contains("jelou_worker_broker_connects_total 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE jelou_worker_log_lines_dropped counter\njelou_worker_log_lines_dropped_total 0\n"),
+            "{text}"
+        );
+        set_prefetch(64);
+        assert!(
+            m.render()
+                .contains("# TYPE jelou_worker_prefetch gauge\njelou_worker_prefetch 64\n"),
             "{text}"
         );
     }

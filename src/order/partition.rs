@@ -431,7 +431,7 @@ impl Partition {
     /// Moves this partition's part of the waiting gauge to `counts`.
     fn show(&self, o: &mut Owned, counts: HashMap<&'static str, i64>) {
         let metrics = &self.ctx.shared.metrics.order;
-        for reason in ["user_order", "bot_pause", "bot_pace", "user_pace", "retry"] {
+        for reason in crate::metrics::WAIT_REASONS {
             let new = counts.get(reason).copied().unwrap_or(0);
             let old = o.shown.get(reason).copied().unwrap_or(0);
             metrics.waiting_add(reason, new - old);
@@ -449,9 +449,7 @@ async fn next_job(jobs: &mut Option<Consumer>) -> Option<lapin::Result<Delivery>
 }
 
 fn known_reason(r: &str) -> Option<&'static str> {
-    ["retry", "bot_pause", "bot_pace", "user_pace", "user_order"]
-        .into_iter()
-        .find(|k| *k == r)
+    crate::metrics::WAIT_REASONS.into_iter().find(|k| *k == r)
 }
 
 fn now_ms() -> i64 {

@@ -14,6 +14,7 @@ mod end_to_end;
 mod faults;
 mod hostile;
 mod messages;
+mod observability;
 mod operations;
 mod order;
 mod refused_results;
