@@ -14,7 +14,7 @@ use prometheus_client::{
         gauge::{ConstGauge, Gauge},
         histogram::{Histogram, exponential_buckets},
     },
-    registry::Registry,
+    registry::{Metric, Registry},
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -119,117 +119,107 @@ impl Default for Metrics {
 impl Metrics {
     pub(crate) fn new() -> Self {
         let mut registry = Registry::with_prefix("jelou_worker");
-        let jobs_finished = Family::<OutcomeLabels, Counter>::default();
-        registry.register(
-            "jobs_finished",
-            "Jobs finished, by status and failure kind",
-            jobs_finished.clone(),
-        );
-        let http_attempts = Family::<ClassLabels, Counter>::default();
-        registry.register(
-            "http_attempts",
-            "HTTP attempts to Jelou, by status class",
-            http_attempts.clone(),
-        );
-        let request_duration = Histogram::new(exponential_buckets(0.005, 2.0, 14));
-        registry.register(
-            "jelou_request_duration_seconds",
-            "Duration of one HTTP attempt to Jelou",
-            request_duration.clone(),
-        );
-        let job_latency = Histogram::new(exponential_buckets(0.01, 2.0, 20));
-        registry.register(
-            "job_latency_seconds",
-            "From the job's AMQP timestamp (set by the producer) to its result",
-            job_latency.clone(),
-        );
-        let jobs_in_flight = Gauge::default();
-        registry.register(
-            "jobs_in_flight",
-            "Jobs received and not yet finished",
-            jobs_in_flight.clone(),
-        );
-        let retries_scheduled = Family::<RetryLabels, Counter>::default();
-        registry.register(
-            "retries_scheduled",
-            "Retries scheduled, by where the job waits",
-            retries_scheduled.clone(),
-        );
-        let results_unroutable = Counter::default();
-        registry.register(
-            "results_unroutable",
-            "Results the broker returned because no queue is bound to receive them",
-            results_unroutable.clone(),
-        );
-        let publishes_refused = Counter::default();
-        registry.register(
-            "publishes_refused",
-            "Publishes the broker refused (nack): results, dead letters or retries it could not take",
-            publishes_refused.clone(),
-        );
-        let broker_connects = Counter::default();
-        registry.register(
-            "broker_connects",
-            "Connections made to the broker (the first one included)",
-            broker_connects.clone(),
-        );
-        let broker_connected = Gauge::default();
-        registry.register(
-            "broker_connected",
-            "1 while connected and consuming, else 0",
-            broker_connected.clone(),
-        );
-        let broker_node = Family::<NodeLabels, Gauge>::default();
-        registry.register(
-            "broker_node",
-            "1 for the broker node in use",
-            broker_node.clone(),
-        );
-        let broker_failovers = Counter::default();
-        registry.register(
-            "broker_failovers",
-            "Reconnections that went to another broker node than the previous connection",
-            broker_failovers.clone(),
-        );
-        let circuit_state = Gauge::default();
-        registry.register(
-            "circuit_state",
-            "0 closed, 1 open (Jelou failing), 2 open (credentials refused)",
-            circuit_state.clone(),
-        );
-        let rate_limited_waits = Counter::default();
-        registry.register(
-            "rate_limited_waits",
-            "Attempts delayed by the per-bot rate limit or a 429 pause",
-            rate_limited_waits.clone(),
-        );
-        let jobs_handed_back = Counter::default();
-        registry.register(
-            "jobs_handed_back",
-            "Jobs handed back to the queue unfinished (shutdown)",
-            jobs_handed_back.clone(),
-        );
+        // Each metric is registered under its name and kept for the worker to update.
+        fn add<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+            registry.register(name, help, metric.clone());
+            metric
+        }
         let order = OrderMetrics::register(&mut registry);
         registry.register_collector(Box::new(ProcessFigures));
         Self {
-            registry,
+            jobs_finished: add(
+                &mut registry,
+                "jobs_finished",
+                "Jobs finished, by status and failure kind",
+                Family::<OutcomeLabels, Counter>::default(),
+            ),
+            http_attempts: add(
+                &mut registry,
+                "http_attempts",
+                "HTTP attempts to Jelou, by status class",
+                Family::<ClassLabels, Counter>::default(),
+            ),
+            request_duration: add(
+                &mut registry,
+                "jelou_request_duration_seconds",
+                "Duration of one HTTP attempt to Jelou",
+                Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            ),
+            job_latency: add(
+                &mut registry,
+                "job_latency_seconds",
+                "From the job's AMQP timestamp (set by the producer) to its result",
+                Histogram::new(exponential_buckets(0.01, 2.0, 20)),
+            ),
+            jobs_in_flight: add(
+                &mut registry,
+                "jobs_in_flight",
+                "Jobs received and not yet finished",
+                Gauge::default(),
+            ),
+            retries_scheduled: add(
+                &mut registry,
+                "retries_scheduled",
+                "Retries scheduled, by where the job waits",
+                Family::<RetryLabels, Counter>::default(),
+            ),
+            results_unroutable: add(
+                &mut registry,
+                "results_unroutable",
+                "Results the broker returned because no queue is bound to receive them",
+                Counter::default(),
+            ),
+            publishes_refused: add(
+                &mut registry,
+                "publishes_refused",
+                "Publishes the broker refused (nack): results, dead letters or retries it could not take",
+                Counter::default(),
+            ),
+            broker_connects: add(
+                &mut registry,
+                "broker_connects",
+                "Connections made to the broker (the first one included)",
+                Counter::default(),
+            ),
+            broker_connected: add(
+                &mut registry,
+                "broker_connected",
+                "1 while connected and consuming, else 0",
+                Gauge::default(),
+            ),
+            broker_node: add(
+                &mut registry,
+                "broker_node",
+                "1 for the broker node in use",
+                Family::<NodeLabels, Gauge>::default(),
+            ),
+            broker_failovers: add(
+                &mut registry,
+                "broker_failovers",
+                "Reconnections that went to another broker node than the previous connection",
+                Counter::default(),
+            ),
+            circuit_state: add(
+                &mut registry,
+                "circuit_state",
+                "0 closed, 1 open (Jelou failing), 2 open (credentials refused)",
+                Gauge::default(),
+            ),
+            rate_limited_waits: add(
+                &mut registry,
+                "rate_limited_waits",
+                "Attempts delayed by the per-bot rate limit or a 429 pause",
+                Counter::default(),
+            ),
+            jobs_handed_back: add(
+                &mut registry,
+                "jobs_handed_back",
+                "Jobs handed back to the queue unfinished (shutdown)",
+                Counter::default(),
+            ),
             order,
-            jobs_finished,
-            http_attempts,
-            request_duration,
-            job_latency,
-            jobs_in_flight,
-            retries_scheduled,
-            results_unroutable,
-            publishes_refused,
-            broker_connects,
-            broker_connected,
-            broker_node,
-            broker_failovers,
-            circuit_state,
-            rate_limited_waits,
-            jobs_handed_back,
             current_node: std::sync::Mutex::new(None),
+            registry,
         }
     }
 

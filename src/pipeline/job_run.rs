@@ -126,23 +126,12 @@ enum Gate {
 
 impl JobRun {
     async fn drive(self, parsed: Result<Job, crate::job::InvalidJob>) -> Ended {
-        let mut state = RetryState::from_headers(self.delivery.properties.headers().as_ref())
-            .bounded(
-                Utc::now().timestamp_millis(),
-                self.shared.policy.max_elapsed,
-            );
-        // A redelivered job whose outcome this worker already knows is finished
-        // without a new send: its result could not be published before the connection
-        // dropped, or it was, and only the ack was lost with the connection.
-        if self.delivery.redelivered
-            && let Some(known) = self.shared.finished.take(self.cache_key())
-        {
-            tracing::info!(
-                "redelivered job already finished here: completing it from what is known, not sending it again"
-            );
-            return self
-                .complete(known.outcome, known.attempts, known.progress)
-                .await;
+        let now_ms = Utc::now().timestamp_millis();
+        let headers = self.delivery.properties.headers();
+        let mut state = RetryState::from_headers(headers.as_ref())
+            .bounded(now_ms, self.shared.policy.max_elapsed);
+        if let Some(ended) = self.finish_known().await {
+            return ended;
         }
         let job = match parsed {
             Ok(job) => job,
@@ -163,61 +152,103 @@ impl JobRun {
             retry_after: None,
         });
         loop {
-            // The deadline first: a job held back (behind its user's earlier jobs, or
-            // parked) fails at its own deadline, without waiting any further.
-            if let Some(failure) = expired(&job, last.as_ref()) {
-                return self
-                    .finish(JobOutcome::Failure(failure), state.attempts)
-                    .await;
-            }
-            if let Some(ended) = self.wait_until_due(&state).await {
-                return ended;
-            }
-            if let Some(failure) = expired(&job, last.as_ref()) {
-                return self
-                    .finish(JobOutcome::Failure(failure), state.attempts)
-                    .await;
-            }
-            match self.pass_gate(&job, &mut state).await {
-                Gate::Go => {}
-                Gate::Again => continue,
-                Gate::Left(ended) => return ended,
-            }
-            let Some(attempt) = self.attempt(&job, &mut state).await else {
-                return Ended::Abandoned;
-            };
-            let failure = match attempt {
-                Attempt::Delivered { message_id } => {
-                    let outcome = JobOutcome::Success { message_id };
-                    return self.finish(outcome, state.attempts).await;
-                }
-                Attempt::Failed(f) if !f.retryable => {
-                    let failure =
-                        JobFailure::from_attempt(ErrorKind::Rejected, f.message.clone(), Some(&f));
-                    return self
-                        .finish(JobOutcome::Failure(failure), state.attempts)
-                        .await;
-                }
-                Attempt::Failed(f) => f,
-            };
-            tracing::debug!(attempt = state.attempts, error = %failure.message, "attempt failed; may retry");
-            let wait = match self.decide_after(&job, &state, &failure) {
-                AfterFailure::GiveUp(f) => {
-                    return self.finish(JobOutcome::Failure(f), state.attempts).await;
-                }
-                AfterFailure::RetryAt { next_at_ms, wait } => {
-                    state.not_before_ms = Some(next_at_ms);
-                    wait
-                }
-            };
-            state.last_status = failure.http_status;
-            state.last_error = Some(failure.message.clone());
-            state.last_code = failure.code.clone();
-            last = Some(failure);
-            if let Some(ended) = self.checkpoint(&state, wait).await {
+            if let Some(ended) = self.step(&job, &mut state, &mut last).await {
                 return ended;
             }
         }
+    }
+
+    /// A redelivered job whose outcome this worker already knows is finished without
+    /// a new send: its result could not be published before the connection dropped,
+    /// or it was, and only the ack was lost with the connection.
+    async fn finish_known(&self) -> Option<Ended> {
+        if !self.delivery.redelivered {
+            return None;
+        }
+        let known = self.shared.finished.take(self.cache_key())?;
+        tracing::info!(
+            "redelivered job already finished here: completing it from what is known, not sending it again"
+        );
+        Some(
+            self.complete(known.outcome, known.attempts, known.progress)
+                .await,
+        )
+    }
+
+    /// One turn of the job's loop: the deadline, the wait for its time, the gate, an
+    /// attempt, and what follows it. `None`: go round again.
+    async fn step(
+        &self,
+        job: &Job,
+        state: &mut RetryState,
+        last: &mut Option<AttemptFailure>,
+    ) -> Option<Ended> {
+        // The deadline first: a job held back (behind its user's earlier jobs, or
+        // parked) fails at its own deadline, without waiting any further.
+        if let Some(failure) = expired(job, last.as_ref()) {
+            return Some(
+                self.finish(JobOutcome::Failure(failure), state.attempts)
+                    .await,
+            );
+        }
+        if let Some(ended) = self.wait_until_due(state).await {
+            return Some(ended);
+        }
+        if let Some(failure) = expired(job, last.as_ref()) {
+            return Some(
+                self.finish(JobOutcome::Failure(failure), state.attempts)
+                    .await,
+            );
+        }
+        match self.pass_gate(job, state).await {
+            Gate::Go => {}
+            Gate::Again => return None,
+            Gate::Left(ended) => return Some(ended),
+        }
+        let Some(attempt) = self.attempt(job, state).await else {
+            return Some(Ended::Abandoned);
+        };
+        let failure = match attempt {
+            Attempt::Delivered { message_id } => {
+                let outcome = JobOutcome::Success { message_id };
+                return Some(self.finish(outcome, state.attempts).await);
+            }
+            Attempt::Failed(f) if !f.retryable => {
+                let failure =
+                    JobFailure::from_attempt(ErrorKind::Rejected, f.message.clone(), Some(&f));
+                return Some(
+                    self.finish(JobOutcome::Failure(failure), state.attempts)
+                        .await,
+                );
+            }
+            Attempt::Failed(f) => f,
+        };
+        self.after_failure(job, state, last, failure).await
+    }
+
+    /// After a retryable failure: gives up, or saves the job's state and waits.
+    async fn after_failure(
+        &self,
+        job: &Job,
+        state: &mut RetryState,
+        last: &mut Option<AttemptFailure>,
+        failure: AttemptFailure,
+    ) -> Option<Ended> {
+        tracing::debug!(attempt = state.attempts, error = %failure.message, "attempt failed; may retry");
+        let wait = match self.decide_after(job, state, &failure) {
+            AfterFailure::GiveUp(f) => {
+                return Some(self.finish(JobOutcome::Failure(f), state.attempts).await);
+            }
+            AfterFailure::RetryAt { next_at_ms, wait } => {
+                state.not_before_ms = Some(next_at_ms);
+                wait
+            }
+        };
+        state.last_status = failure.http_status;
+        state.last_error = Some(failure.message.clone());
+        state.last_code = failure.code.clone();
+        *last = Some(failure);
+        self.checkpoint(state, wait).await
     }
 
     /// The delivery limit (`amqp.max_deliveries`): a job that keeps coming back
