@@ -111,18 +111,8 @@ impl Partition {
             .map_err(err)?;
         let acks = Acks::start(self.channel.clone(), self.ctx.session.lost.clone());
         let mut buffered = Vec::new();
-        let token = loop {
-            tokio::select! {
-                _ = self.stop.cancelled() => return self.leave_unowned().await,
-                _ = self.ctx.stops.shutdown.cancelled() => return self.leave_unowned().await,
-                _ = self.ctx.session.lost.cancelled() => return Err("the session was lost".into()),
-                next = wait.next() => match next {
-                    Some(Ok(d)) if lease::is_token(&d) => break d,
-                    Some(Ok(d)) => buffered.push(d),
-                    Some(Err(e)) => return Err(e.to_string()),
-                    None => return Err(format!("the broker cancelled the consumer of {queue}")),
-                },
-            }
+        let Some(token) = self.await_token(&mut wait, &mut buffered).await? else {
+            return self.leave_unowned().await;
         };
         self.state.store(OWNING, Ordering::Relaxed);
         let metrics = &self.ctx.shared.metrics.order;
@@ -140,6 +130,47 @@ impl Partition {
         )
         .await;
         result
+    }
+
+    /// Watches the wait queue until its token comes (`None`: told to stop first).
+    ///
+    /// A watcher the broker has made the wait queue's active consumer (its owner is
+    /// handing the partition back) receives the jobs the owner hands back, then the
+    /// token. It must not close its channel in between: the jobs it holds would return
+    /// to the back of the queue, behind the token, where the next owner would not wait
+    /// for them. So once it holds anything it waits for the token (bounded), and then
+    /// hands the partition back itself, in order, if it was told to stop.
+    async fn await_token(
+        &self,
+        wait: &mut Consumer,
+        buffered: &mut Vec<Delivery>,
+    ) -> Result<Option<Delivery>, String> {
+        let timeout = self.ctx.shared.settings.amqp.operation_timeout();
+        let mut give_up: Option<tokio::time::Instant> = None;
+        loop {
+            let stopping = self.stop.is_cancelled() || self.ctx.stops.shutdown.is_cancelled();
+            if stopping && buffered.is_empty() {
+                return Ok(None);
+            }
+            if stopping {
+                give_up.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
+            }
+            let deadline = pipeline::sleep_long(give_up.map_or(Duration::MAX, |t| {
+                t.saturating_duration_since(tokio::time::Instant::now())
+            }));
+            tokio::select! {
+                _ = self.stop.cancelled(), if !stopping => {}
+                _ = self.ctx.stops.shutdown.cancelled(), if !stopping => {}
+                _ = deadline => return Ok(None),
+                _ = self.ctx.session.lost.cancelled() => return Err("the session was lost".into()),
+                next = wait.next() => match next {
+                    Some(Ok(d)) if lease::is_token(&d) => return Ok(Some(d)),
+                    Some(Ok(d)) => buffered.push(d),
+                    Some(Err(e)) => return Err(e.to_string()),
+                    None => return Err(format!("the broker cancelled the consumer of {}", self.wait_queue())),
+                },
+            }
+        }
     }
 
     /// Not the owner (yet): closing the channel returns whatever was delivered.
@@ -209,6 +240,9 @@ impl Partition {
     /// Runs the partition until stopped, then hands it back.
     async fn work(&self, o: &mut Owned) -> Result<(), String> {
         let end = loop {
+            if self.stop.is_cancelled() || self.ctx.stops.shutdown.is_cancelled() {
+                break Ok(());
+            }
             self.schedule(o).await?;
             let wake = o
                 .lanes

@@ -501,6 +501,10 @@ impl WorkerProcess {
                 &names.dead_letter_queue,
             )
             .env("JELOU_WORKER__AMQP__PREFETCH", config.prefetch.to_string())
+            // These scenarios measure failover by the jobs queue's backlog and send one
+            // user's jobs: the unordered path (order on moves the backlog into the
+            // partition queues and sends one user's jobs one at a time).
+            .env("JELOU_WORKER__ORDER__ENABLED", "false")
             .env("JELOU_WORKER__AMQP__HEARTBEAT_SECS", "2")
             .env("JELOU_WORKER__AMQP__OPERATION_TIMEOUT_MS", "5000")
             .env("JELOU_WORKER__JELOU__BASE_URL", &config.jelou_base_url)
