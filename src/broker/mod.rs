@@ -297,9 +297,14 @@ impl Topology {
     }
 
     /// `<jobs_queue>.order.<p>.wait`: partition `p`'s jobs that wait (a retry, a
-    /// paused or paced bot or user, a user's later jobs), and its ownership token.
+    /// paused or paced bot or user, a user's later jobs).
     pub fn wait_queue(&self, p: u16) -> String {
         format!("{}.order.{p}.wait", self.jobs_queue)
+    }
+
+    /// `<jobs_queue>.order.<p>.lock`: holds partition `p`'s ownership token.
+    pub fn lock_queue(&self, p: u16) -> String {
+        format!("{}.order.{p}.lock", self.jobs_queue)
     }
 
     /// `<jobs_queue>.order.router`: holds the router's token.
@@ -387,6 +392,7 @@ impl Topology {
         for p in 0..self.partitions {
             queues.push(spec(self.partition_queue(p)));
             queues.push(spec(self.wait_queue(p)));
+            queues.push(spec(self.lock_queue(p)));
         }
         queues
     }

@@ -9,8 +9,10 @@
 //! last, so whoever gets it next has all the rest already.
 //!
 //! A token is created when a queue has neither messages nor consumers (the first
-//! start). Two workers starting at once may both create one; the single active
-//! consumer gets both, and drops the second while it holds the first.
+//! start). Two workers starting at once may both create one: harmless, since only the
+//! active consumer is delivered anything, with a prefetch of one, and it keeps the
+//! token it holds until it has handed everything back; the second token then waits
+//! in the queue for the next owner.
 
 use std::time::Duration;
 

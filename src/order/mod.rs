@@ -3,8 +3,8 @@
 //! Producers publish to the jobs queue as always. One worker of the fleet, the one
 //! that holds the router's token, moves each job to the partition queue of its user
 //! (`hash(botId, userId) mod order.partitions`), stamped with a sequence number.
-//! Each partition is owned by one worker at a time (the holder of its token, see
-//! [`lease`]), which holds the partition's jobs in per-user lanes ([`lanes`]) and
+//! Each partition is owned by one worker at a time (the holder of the token in its
+//! lock queue, see [`lease`]), which holds the partition's jobs in per-user lanes ([`lanes`]) and
 //! starts a user's next job only when the previous one has ended. A job that must wait
 //! long (its retry, its bot's pause or pacing, its user's pacing) goes to the
 //! partition's wait queue, which the owner holds in memory without using a slot of the
@@ -212,13 +212,15 @@ async fn rebalance(
         if partitions.contains_key(&p) {
             continue;
         }
-        let channel = bounded(timeout, "channel.open", ctx.connection.create_channel()).await?;
+        let open = || bounded(timeout, "channel.open", ctx.connection.create_channel());
+        let (lease, channel) = (open().await?, open().await?);
         let state = Arc::new(AtomicU8::new(partition::WATCHING));
         let stop = CancellationToken::new();
         let task = tokio::spawn(
             partition::Partition {
                 ctx: owned_ctx.clone(),
                 number: p,
+                lease,
                 channel,
                 state: state.clone(),
                 stop: stop.clone(),

@@ -1,17 +1,24 @@
-//! One partition, as one worker sees it: watch its wait queue (standby) until the
+//! One partition, as one worker sees it: wait on its lock queue (standby) until the
 //! token comes, take over (everything waiting first, then the partition queue), run
 //! its jobs through the per-user [`Lanes`], and hand it back when asked.
 //!
 //! ```text
-//! watching ──token──► loading the wait queue ──► owning ──stop / shutdown──► handing back
+//! watching the lock ──token──► loading the wait queue ──► owning ──stop / shutdown──► handing back
 //! ```
 //!
-//! Handing back: stop taking jobs from the partition queue; let the running ones
-//! finish; stop consuming the wait queue (the next watcher becomes its active
-//! consumer); publish every held job to the wait queue, lowest sequence first, and
-//! ack the originals; then close the channel, which returns the token last. The next
-//! owner gets the token only after every job this one held, and loads them all
-//! before it takes a job from the partition queue.
+//! The token lives in a queue of its own (`<jobs_queue>.order.<n>.lock`, one consumer
+//! active at a time, prefetch 1): a watcher is only ever delivered the token, so it can
+//! stop watching at any time, and no worker touches the partition's queues before it
+//! holds the token.
+//!
+//! Handing back: stop taking jobs from the partition queue (what was delivered before
+//! the cancel is held too); let the running jobs finish; stop consuming the wait queue;
+//! publish every held job to the wait queue, lowest sequence first, and ack the
+//! originals; close the partition's channel (nothing is left unacked); then, last,
+//! close the lock's, which returns the token. The next owner gets the token only when
+//! every job this one held is in the wait queue, and loads them all before it takes a
+//! job from the partition queue. (A quorum queue returns what a closed channel held to
+//! its back, in any order: that is why nothing is left to the close.)
 
 use std::{
     collections::HashMap,
@@ -38,12 +45,7 @@ use super::{
     lease,
 };
 use crate::{
-    broker::{
-        BrokerError,
-        acks::Acks,
-        bounded,
-        consume::{close_later, consume},
-    },
+    broker::{BrokerError, acks::Acks, bounded, consume::consume},
     job::{RetryState, header, int_header, parse_job_with, string_header},
     pipeline::{self, Ended, WaitPlace, decide},
 };
@@ -60,6 +62,9 @@ type Done = (Option<UserKey>, u64, Ended);
 pub(super) struct Partition {
     pub(super) ctx: Arc<Ctx2>,
     pub(super) number: u16,
+    /// The lock queue's consumer (the token).
+    pub(super) lease: Channel,
+    /// The partition and wait queues' consumers, opened on taking over.
     pub(super) channel: Channel,
     pub(super) state: Arc<AtomicU8>,
     /// Cancelled by the balancer: stop watching, or hand the partition back.
@@ -90,114 +95,78 @@ impl Partition {
     }
 
     /// Runs until stopped or shutdown (`Ok`), or a broker failure (`Err`), and closes
-    /// its channel: whatever it still held goes back to the broker.
+    /// its channels: whatever it still held goes back to the broker, the token last.
     pub(super) async fn run(self) -> Result<(), String> {
         let ran = self.watch_and_own().await;
-        if ran.is_err() {
-            close_later(self.channel.clone(), "partition failed");
-        }
+        let timeout = self.ctx.shared.settings.amqp.operation_timeout();
+        let why = if ran.is_ok() {
+            "partition handed back"
+        } else {
+            "partition failed"
+        };
+        let _ = tokio::time::timeout(timeout, self.channel.close(200, why.into())).await;
+        let _ = tokio::time::timeout(timeout, self.lease.close(200, why.into())).await;
         ran
     }
 
     async fn watch_and_own(&self) -> Result<(), String> {
         let timeout = self.ctx.shared.settings.amqp.operation_timeout();
         let err = |e: BrokerError| e.to_string();
-        let queue = self.wait_queue();
-        lease::ensure_token(&self.channel, &self.ctx.session.publisher, &queue, timeout)
+        let lock = self.ctx.shared.topology.lock_queue(self.number);
+        let publisher = &self.ctx.session.publisher;
+        lease::ensure_token(&self.lease, publisher, &lock, timeout)
             .await
             .map_err(err)?;
-        let mut wait = consume(&self.channel, &queue, &self.tag("wait"), 0, timeout)
+        let mut lease = consume(&self.lease, &lock, &self.tag("lock"), 1, timeout)
             .await
             .map_err(err)?;
-        let acks = Acks::start(self.channel.clone(), self.ctx.session.lost.clone());
-        let mut buffered = Vec::new();
-        let Some(token) = self.await_token(&mut wait, &mut buffered).await? else {
-            return self.leave_unowned().await;
+        let token = loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return Ok(()),
+                _ = self.ctx.stops.shutdown.cancelled() => return Ok(()),
+                _ = self.ctx.session.lost.cancelled() => return Err("the session was lost".into()),
+                next = lease.next() => match next {
+                    Some(Ok(d)) if lease::is_token(&d) => break d,
+                    // Nothing else belongs in a lock queue.
+                    Some(Ok(d)) => { let _ = d.acker.ack(BasicAckOptions::default()).await; }
+                    Some(Err(e)) => return Err(e.to_string()),
+                    None => return Err(format!("the broker cancelled the consumer of {lock}")),
+                },
+            }
         };
         self.state.store(OWNING, Ordering::Relaxed);
         let metrics = &self.ctx.shared.metrics.order;
         metrics.partitions_owned.inc();
-        let owned = self.own(wait, acks, buffered, &token).await;
-        metrics.partitions_owned.dec();
+        let owned = self.own().await;
         let result = match owned {
             Ok(mut owned) => self.work(&mut owned).await,
             Err(e) => Err(e.to_string()),
         };
-        // Closing returns the token (and anything not handed back) to the broker.
-        let _ = tokio::time::timeout(
-            timeout,
-            self.channel.close(200, "partition handed back".into()),
-        )
-        .await;
+        metrics.partitions_owned.dec();
+        // The token goes back with the lock's channel, closed after this one (`run`).
+        drop(token);
         result
-    }
-
-    /// Watches the wait queue until its token comes (`None`: told to stop first).
-    ///
-    /// A watcher the broker has made the wait queue's active consumer (its owner is
-    /// handing the partition back) receives the jobs the owner hands back, then the
-    /// token. It must not close its channel in between: the jobs it holds would return
-    /// to the back of the queue, behind the token, where the next owner would not wait
-    /// for them. So once it holds anything it waits for the token (bounded), and then
-    /// hands the partition back itself, in order, if it was told to stop.
-    async fn await_token(
-        &self,
-        wait: &mut Consumer,
-        buffered: &mut Vec<Delivery>,
-    ) -> Result<Option<Delivery>, String> {
-        let timeout = self.ctx.shared.settings.amqp.operation_timeout();
-        let mut give_up: Option<tokio::time::Instant> = None;
-        loop {
-            let stopping = self.stop.is_cancelled() || self.ctx.stops.shutdown.is_cancelled();
-            if stopping && buffered.is_empty() {
-                return Ok(None);
-            }
-            if stopping {
-                give_up.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
-            }
-            let deadline = pipeline::sleep_long(give_up.map_or(Duration::MAX, |t| {
-                t.saturating_duration_since(tokio::time::Instant::now())
-            }));
-            tokio::select! {
-                _ = self.stop.cancelled(), if !stopping => {}
-                _ = self.ctx.stops.shutdown.cancelled(), if !stopping => {}
-                _ = deadline => return Ok(None),
-                _ = self.ctx.session.lost.cancelled() => return Err("the session was lost".into()),
-                next = wait.next() => match next {
-                    Some(Ok(d)) if lease::is_token(&d) => return Ok(Some(d)),
-                    Some(Ok(d)) => buffered.push(d),
-                    Some(Err(e)) => return Err(e.to_string()),
-                    None => return Err(format!("the broker cancelled the consumer of {}", self.wait_queue())),
-                },
-            }
-        }
-    }
-
-    /// Not the owner (yet): closing the channel returns whatever was delivered.
-    async fn leave_unowned(&self) -> Result<(), String> {
-        let timeout = self.ctx.shared.settings.amqp.operation_timeout();
-        let _ =
-            tokio::time::timeout(timeout, self.channel.close(200, "stopped watching".into())).await;
-        Ok(())
     }
 
     /// Takes the partition over: every job of the wait queue first (those delivered
     /// with or after the token, as many as the queue holds), then the partition queue.
-    async fn own(
-        &self,
-        wait: Consumer,
-        acks: Acks,
-        buffered: Vec<Delivery>,
-        token: &Delivery,
-    ) -> Result<Owned, BrokerError> {
+    async fn own(&self) -> Result<Owned, BrokerError> {
         let shared = &self.ctx.shared;
         let timeout = shared.settings.amqp.operation_timeout();
         let (ready, _) = lease::counts(&self.channel, &self.wait_queue(), timeout).await?;
+        let wait = consume(
+            &self.channel,
+            &self.wait_queue(),
+            &self.tag("wait"),
+            0,
+            timeout,
+        )
+        .await?;
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let order = &shared.settings.order;
         let mut o = Owned {
             lanes: Lanes::new(order.user_min_interval_ms, order.wait_bound_ms),
-            acks,
+            acks: Acks::start(self.channel.clone(), self.ctx.session.lost.clone()),
             wait,
             jobs: None,
             done_tx,
@@ -205,13 +174,9 @@ impl Partition {
             running: 0,
             shown: HashMap::new(),
         };
-        for d in buffered {
-            self.hold(&mut o, d, true);
-        }
         let loading = async {
             for _ in 0..ready {
                 match o.wait.next().await {
-                    Some(Ok(d)) if lease::is_token(&d) => self.drop_surplus(&d, token).await,
                     Some(Ok(d)) => self.hold(&mut o, d, true),
                     _ => break,
                 }
@@ -228,13 +193,6 @@ impl Partition {
         o.jobs = Some(consume(&self.channel, &queue, &self.tag("jobs"), prefetch, timeout).await?);
         tracing::info!(partition = self.number, "owning a partition");
         Ok(o)
-    }
-
-    /// A second token (two workers created one at once): dropped while holding one.
-    async fn drop_surplus(&self, d: &Delivery, held: &Delivery) {
-        if d.delivery_tag != held.delivery_tag {
-            let _ = d.acker.ack(BasicAckOptions::default()).await;
-        }
     }
 
     /// Runs the partition until stopped, then hands it back.
@@ -260,7 +218,6 @@ impl Partition {
                     None => break Err("the broker cancelled a partition's consumer (queue deleted?)".into()),
                 },
                 next = o.wait.next() => match next {
-                    Some(Ok(d)) if lease::is_token(&d) => { let _ = d.acker.ack(BasicAckOptions::default()).await; }
                     Some(Ok(d)) => self.hold(o, d, true),
                     Some(Err(e)) => break Err(e.to_string()),
                     None => break Err("the broker cancelled a wait queue's consumer (queue deleted?)".into()),
@@ -441,11 +398,7 @@ impl Partition {
         }
         cancel(self.tag("wait")).await?;
         while let Ok(Some(Ok(d))) = tokio::time::timeout(timeout, o.wait.next()).await {
-            if lease::is_token(&d) {
-                let _ = d.acker.ack(BasicAckOptions::default()).await;
-            } else {
-                self.hold(o, d, true);
-            }
+            self.hold(o, d, true);
         }
         let held = o.lanes.drain_held();
         let count = held.len();
