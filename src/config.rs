@@ -140,6 +140,65 @@ impl AmqpSettings {
     pub fn operation_timeout(&self) -> Duration {
         Duration::from_millis(self.operation_timeout_ms)
     }
+
+    /// `[amqp]`: its names, then its numbers and TLS files.
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_names()?;
+        if self.prefetch == 0 {
+            return Err(invalid("amqp.prefetch", "must be at least 1"));
+        }
+        if self.max_job_bytes == 0 {
+            return Err(invalid("amqp.max_job_bytes", "must be at least 1"));
+        }
+        if self.max_deliveries == 0 {
+            return Err(invalid("amqp.max_deliveries", "must be at least 1"));
+        }
+        if self.operation_timeout_ms < 100 {
+            return Err(invalid("amqp.operation_timeout_ms", "must be at least 100"));
+        }
+        if self.tls_client_cert_file.is_some() != self.tls_client_key_file.is_some() {
+            return Err(invalid(
+                "amqp.tls_client_key_file",
+                "amqp.tls_client_cert_file and amqp.tls_client_key_file go together",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The queue and exchange names and the routing keys.
+    fn validate_names(&self) -> Result<(), ConfigError> {
+        for (key, name) in [
+            ("amqp.jobs_queue", &self.jobs_queue),
+            ("amqp.result_exchange", &self.result_exchange),
+            ("amqp.dead_letter_exchange", &self.dead_letter_exchange),
+            ("amqp.dead_letter_queue", &self.dead_letter_queue),
+        ] {
+            if name.is_empty() || name.len() > 200 {
+                return Err(invalid(key, "must be 1 to 200 characters"));
+            }
+            if name.starts_with("amq.") {
+                return Err(invalid(
+                    key,
+                    "names starting with `amq.` are reserved by RabbitMQ",
+                ));
+            }
+        }
+        for (key, name) in [
+            ("amqp.success_routing_key", &self.success_routing_key),
+            ("amqp.failure_routing_key", &self.failure_routing_key),
+        ] {
+            if name.len() > 255 {
+                return Err(invalid(key, "must be at most 255 bytes"));
+            }
+        }
+        if self.dead_letter_queue == self.jobs_queue {
+            return Err(invalid(
+                "amqp.dead_letter_queue",
+                "must differ from amqp.jobs_queue",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[jelou]`: where and how messages are sent.
@@ -201,6 +260,77 @@ impl Default for JelouSettings {
 impl JelouSettings {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// `[jelou]`: the base URL first, then the limits and the client id.
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_base_url()?;
+        if self.request_timeout_ms == 0 {
+            return Err(invalid("jelou.request_timeout_ms", "must be at least 1"));
+        }
+        if !self.rate_limit_per_second.is_finite() || self.rate_limit_per_second < 0.0 {
+            return Err(invalid(
+                "jelou.rate_limit_per_second",
+                "must be 0 (off) or a positive number",
+            ));
+        }
+        if self.max_response_bytes < 256 {
+            return Err(invalid("jelou.max_response_bytes", "must be at least 256"));
+        }
+        if self.circuit_probe_interval_ms == 0
+            || self.circuit_max_probe_interval_ms < self.circuit_probe_interval_ms
+        {
+            return Err(invalid(
+                "jelou.circuit_max_probe_interval_ms",
+                "must be at least jelou.circuit_probe_interval_ms, which must be at least 1",
+            ));
+        }
+        if let Some(id) = &self.client_id
+            && id.contains(':')
+        {
+            return Err(invalid(
+                "jelou.client_id",
+                "must not contain ':' (Basic auth)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `jelou.base_url`: a URL, https (or http where allowed), with no query,
+    /// fragment or credentials.
+    fn validate_base_url(&self) -> Result<(), ConfigError> {
+        let base = url::Url::parse(&self.base_url)
+            .map_err(|e| invalid("jelou.base_url", format!("not a URL: {e}")))?;
+        match base.scheme() {
+            "https" => {}
+            "http" if self.allow_insecure_http || is_loopback_host(&base) => {}
+            "http" => {
+                return Err(invalid(
+                    "jelou.base_url",
+                    "plain http:// to a non-loopback host would send credentials in clear text; \
+                     use https:// or set jelou.allow_insecure_http = true",
+                ));
+            }
+            other => {
+                return Err(invalid(
+                    "jelou.base_url",
+                    format!("scheme `{other}` is not http(s)"),
+                ));
+            }
+        }
+        if base.query().is_some() || base.fragment().is_some() {
+            return Err(invalid(
+                "jelou.base_url",
+                "must not have a query or fragment",
+            ));
+        }
+        if !base.username().is_empty() || base.password().is_some() {
+            return Err(invalid(
+                "jelou.base_url",
+                "must not carry credentials; use jelou.client_id / jelou.client_secret",
+            ));
+        }
+        Ok(())
     }
 
     /// The credentials, or an error naming the missing key.
@@ -266,6 +396,39 @@ impl Default for RetrySettings {
             max_elapsed_ms: 900_000,
             park_threshold_ms: 5_000,
         }
+    }
+}
+
+impl RetrySettings {
+    /// `[retry]`: the schedule's bounds.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.initial_interval_ms == 0 {
+            return Err(invalid("retry.initial_interval_ms", "must be at least 1"));
+        }
+        if !self.multiplier.is_finite() || self.multiplier < 1.0 {
+            return Err(invalid(
+                "retry.multiplier",
+                "must be a number of at least 1.0",
+            ));
+        }
+        if self.max_interval_ms < self.initial_interval_ms {
+            return Err(invalid(
+                "retry.max_interval_ms",
+                "must be at least retry.initial_interval_ms",
+            ));
+        }
+        if self.max_attempts == 0 {
+            return Err(invalid("retry.max_attempts", "must be at least 1"));
+        }
+        // Thirty days: far beyond any useful retry, and small enough that every time
+        // computed from it fits.
+        if self.max_elapsed_ms == 0 || self.max_elapsed_ms > 30 * 24 * 3_600_000 {
+            return Err(invalid(
+                "retry.max_elapsed_ms",
+                "must be between 1 and 2592000000 (30 days)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -395,6 +558,18 @@ impl Default for LogSettings {
     }
 }
 
+impl LogSettings {
+    /// `[log]`: a non-empty, valid tracing filter.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.level.trim().is_empty() {
+            return Err(invalid("log.level", "must not be empty"));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.level)
+            .map_err(|e| invalid("log.level", format!("not a valid filter: {e}")))?;
+        Ok(())
+    }
+}
+
 /// The broker URL(s) of `amqp.url`. Holds secrets: `Debug` and `Display` redact passwords.
 #[derive(Clone)]
 pub struct AmqpUrls(Vec<SecretString>);
@@ -511,151 +686,14 @@ impl Settings {
         }
     }
 
-    /// Checks every value whose type alone does not make it valid.
+    /// Checks every value whose type alone does not make it valid, section by
+    /// section in a fixed order, so the first error reported is always the same.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let a = &self.amqp;
-        for (key, name) in [
-            ("amqp.jobs_queue", &a.jobs_queue),
-            ("amqp.result_exchange", &a.result_exchange),
-            ("amqp.dead_letter_exchange", &a.dead_letter_exchange),
-            ("amqp.dead_letter_queue", &a.dead_letter_queue),
-        ] {
-            if name.is_empty() || name.len() > 200 {
-                return Err(invalid(key, "must be 1 to 200 characters"));
-            }
-            if name.starts_with("amq.") {
-                return Err(invalid(
-                    key,
-                    "names starting with `amq.` are reserved by RabbitMQ",
-                ));
-            }
-        }
-        for (key, name) in [
-            ("amqp.success_routing_key", &a.success_routing_key),
-            ("amqp.failure_routing_key", &a.failure_routing_key),
-        ] {
-            if name.len() > 255 {
-                return Err(invalid(key, "must be at most 255 bytes"));
-            }
-        }
-        if a.dead_letter_queue == a.jobs_queue {
-            return Err(invalid(
-                "amqp.dead_letter_queue",
-                "must differ from amqp.jobs_queue",
-            ));
-        }
-        if a.prefetch == 0 {
-            return Err(invalid("amqp.prefetch", "must be at least 1"));
-        }
-        if a.max_job_bytes == 0 {
-            return Err(invalid("amqp.max_job_bytes", "must be at least 1"));
-        }
-        if a.max_deliveries == 0 {
-            return Err(invalid("amqp.max_deliveries", "must be at least 1"));
-        }
-        if a.operation_timeout_ms < 100 {
-            return Err(invalid("amqp.operation_timeout_ms", "must be at least 100"));
-        }
-        if a.tls_client_cert_file.is_some() != a.tls_client_key_file.is_some() {
-            return Err(invalid(
-                "amqp.tls_client_key_file",
-                "amqp.tls_client_cert_file and amqp.tls_client_key_file go together",
-            ));
-        }
-        let j = &self.jelou;
-        let base = url::Url::parse(&j.base_url)
-            .map_err(|e| invalid("jelou.base_url", format!("not a URL: {e}")))?;
-        match base.scheme() {
-            "https" => {}
-            "http" if j.allow_insecure_http || is_loopback_host(&base) => {}
-            "http" => {
-                return Err(invalid(
-                    "jelou.base_url",
-                    "plain http:// to a non-loopback host would send credentials in clear text; \
-                     use https:// or set jelou.allow_insecure_http = true",
-                ));
-            }
-            other => {
-                return Err(invalid(
-                    "jelou.base_url",
-                    format!("scheme `{other}` is not http(s)"),
-                ));
-            }
-        }
-        if base.query().is_some() || base.fragment().is_some() {
-            return Err(invalid(
-                "jelou.base_url",
-                "must not have a query or fragment",
-            ));
-        }
-        if !base.username().is_empty() || base.password().is_some() {
-            return Err(invalid(
-                "jelou.base_url",
-                "must not carry credentials; use jelou.client_id / jelou.client_secret",
-            ));
-        }
-        if j.request_timeout_ms == 0 {
-            return Err(invalid("jelou.request_timeout_ms", "must be at least 1"));
-        }
-        if !j.rate_limit_per_second.is_finite() || j.rate_limit_per_second < 0.0 {
-            return Err(invalid(
-                "jelou.rate_limit_per_second",
-                "must be 0 (off) or a positive number",
-            ));
-        }
-        if j.max_response_bytes < 256 {
-            return Err(invalid("jelou.max_response_bytes", "must be at least 256"));
-        }
-        if j.circuit_probe_interval_ms == 0
-            || j.circuit_max_probe_interval_ms < j.circuit_probe_interval_ms
-        {
-            return Err(invalid(
-                "jelou.circuit_max_probe_interval_ms",
-                "must be at least jelou.circuit_probe_interval_ms, which must be at least 1",
-            ));
-        }
-        if let Some(id) = &j.client_id
-            && id.contains(':')
-        {
-            return Err(invalid(
-                "jelou.client_id",
-                "must not contain ':' (Basic auth)",
-            ));
-        }
-        let r = &self.retry;
-        if r.initial_interval_ms == 0 {
-            return Err(invalid("retry.initial_interval_ms", "must be at least 1"));
-        }
-        if !r.multiplier.is_finite() || r.multiplier < 1.0 {
-            return Err(invalid(
-                "retry.multiplier",
-                "must be a number of at least 1.0",
-            ));
-        }
-        if r.max_interval_ms < r.initial_interval_ms {
-            return Err(invalid(
-                "retry.max_interval_ms",
-                "must be at least retry.initial_interval_ms",
-            ));
-        }
-        if r.max_attempts == 0 {
-            return Err(invalid("retry.max_attempts", "must be at least 1"));
-        }
-        // Thirty days: far beyond any useful retry, and small enough that every time
-        // computed from it fits.
-        if r.max_elapsed_ms == 0 || r.max_elapsed_ms > 30 * 24 * 3_600_000 {
-            return Err(invalid(
-                "retry.max_elapsed_ms",
-                "must be between 1 and 2592000000 (30 days)",
-            ));
-        }
+        self.amqp.validate()?;
+        self.jelou.validate()?;
+        self.retry.validate()?;
         self.order.validate()?;
-        if self.log.level.trim().is_empty() {
-            return Err(invalid("log.level", "must not be empty"));
-        }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level)
-            .map_err(|e| invalid("log.level", format!("not a valid filter: {e}")))?;
-        Ok(())
+        self.log.validate()
     }
 }
 

@@ -7,6 +7,8 @@
 //! means the credentials are refused; 5xx or no answer means Jelou is unreachable;
 //! any other answer means both reachable and authenticated.
 
+use std::time::Duration;
+
 use lapin::{Connection, options::QueueDeclareOptions};
 
 use crate::{
@@ -88,25 +90,54 @@ async fn check_topology(settings: &Settings, conn: &Connection) -> Finding {
     let amqp = &settings.amqp;
     let timeout = amqp.operation_timeout();
     let topology = Topology::for_settings(settings);
-    match topology.verify(conn, timeout).await {
-        Ok(()) => {}
-        Err(BrokerError::Missing { what, .. }) if amqp.declare_topology => {
-            return Finding {
-                ok: true,
-                what: "topology",
-                detail: format!(
-                    "missing {what}: `run` will declare it (amqp.declare_topology is true)"
-                ),
-            };
-        }
-        Err(e) => {
-            return Finding {
-                ok: false,
-                what: "topology",
-                detail: e.to_string(),
-            };
-        }
+    if let Some(finding) = check_presence(&topology, conn, timeout, amqp.declare_topology).await {
+        return finding;
     }
+    if let Some(finding) = check_queue_arguments(&topology, conn, timeout).await {
+        return finding;
+    }
+    Finding {
+        ok: true,
+        what: "topology",
+        detail: format!(
+            "queues and exchanges present, with this configuration's arguments ({})",
+            amqp.jobs_queue
+        ),
+    }
+}
+
+/// Whether every queue and exchange exists: `None` if so, else the finding (fine
+/// when `run` will declare what is missing, `declares` being amqp.declare_topology).
+async fn check_presence(
+    topology: &Topology,
+    conn: &Connection,
+    timeout: Duration,
+    declares: bool,
+) -> Option<Finding> {
+    match topology.verify(conn, timeout).await {
+        Ok(()) => None,
+        Err(BrokerError::Missing { what, .. }) if declares => Some(Finding {
+            ok: true,
+            what: "topology",
+            detail: format!(
+                "missing {what}: `run` will declare it (amqp.declare_topology is true)"
+            ),
+        }),
+        Err(e) => Some(Finding {
+            ok: false,
+            what: "topology",
+            detail: e.to_string(),
+        }),
+    }
+}
+
+/// Re-declares the jobs and dead-letter queues with this configuration's arguments:
+/// `None` if the broker accepts both, else the finding naming the key to change.
+async fn check_queue_arguments(
+    topology: &Topology,
+    conn: &Connection,
+    timeout: Duration,
+) -> Option<Finding> {
     let queues = [
         (
             topology.jobs_queue.clone(),
@@ -131,23 +162,16 @@ async fn check_topology(settings: &Settings, conn: &Connection) -> Finding {
         }
         .await;
         if let Err(e) = result {
-            return Finding {
+            return Some(Finding {
                 ok: false,
                 what: "topology",
                 detail: format!(
                     "queue `{name}` exists with other arguments ({e}); change {key} to match it"
                 ),
-            };
+            });
         }
     }
-    Finding {
-        ok: true,
-        what: "topology",
-        detail: format!(
-            "queues and exchanges present, with this configuration's arguments ({})",
-            amqp.jobs_queue
-        ),
-    }
+    None
 }
 
 /// Prints the findings; true when all are fine.

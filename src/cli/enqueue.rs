@@ -82,25 +82,29 @@ pub async fn run(settings: &Settings, source: Source) -> anyhow::Result<(usize, 
             .await?;
     }
     let publisher = Publisher::open(&conn, timeout).await?;
-    let total = lines.len();
-    let progress = Progress::new(total);
+    let counts = publish_all(&publisher, &amqp.jobs_queue, lines, refused).await;
+    publisher.close().await;
+    let _ = conn.close(200, "done".into()).await;
+    Ok(counts)
+}
+
+/// Publishes the lines to `queue`, [`IN_FLIGHT`] at a time, printing each confirmed
+/// jobId and each refusal; returns how many were published and how many refused,
+/// counting the `refused` before (which the progress counts as done too).
+async fn publish_all(
+    publisher: &Publisher,
+    queue: &str,
+    lines: Vec<Line>,
+    mut refused: usize,
+) -> (usize, usize) {
+    let progress = Progress::new(lines.len());
     let mut published = 0usize;
     let results = stream::iter(lines)
         .map(|line| {
             let publisher = publisher.clone();
-            let queue = amqp.jobs_queue.clone();
+            let queue = queue.to_owned();
             async move {
-                let mut props = BasicProperties::default()
-                    .with_content_type("application/json".into())
-                    .with_delivery_mode(2)
-                    .with_timestamp(Utc::now().timestamp().max(0) as u64);
-                if let Some(id) = line
-                    .message_id
-                    .as_deref()
-                    .and_then(|id| ShortString::try_new(id).ok())
-                {
-                    props = props.with_message_id(id);
-                }
+                let props = properties(line.message_id.as_deref());
                 let r = publisher.publish("", &queue, &line.body, props).await;
                 (line, r)
             }
@@ -116,8 +120,8 @@ pub async fn run(settings: &Settings, source: Source) -> anyhow::Result<(usize, 
             Ok(Published::Unroutable) => {
                 refused += 1;
                 eprintln!(
-                    "line {}: the broker has no queue `{}`: not published",
-                    line.number, amqp.jobs_queue
+                    "line {}: the broker has no queue `{queue}`: not published",
+                    line.number
                 );
             }
             Err(e) => {
@@ -128,32 +132,42 @@ pub async fn run(settings: &Settings, source: Source) -> anyhow::Result<(usize, 
         progress.tick(published + refused);
     }
     progress.finish();
-    publisher.close().await;
-    let _ = conn.close(200, "done".into()).await;
-    Ok((published, refused))
+    (published, refused)
 }
 
+/// A job's AMQP properties: JSON, persistent, stamped now, with the `message_id`
+/// the worker will take as its jobId when the body has none.
+fn properties(message_id: Option<&str>) -> BasicProperties {
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_timestamp(Utc::now().timestamp().max(0) as u64);
+    match message_id.and_then(|id| ShortString::try_new(id).ok()) {
+        Some(id) => props.with_message_id(id),
+        None => props,
+    }
+}
+
+/// The jobs of `source`, each checked as the worker would read it; a job the worker
+/// would refuse is reported on stderr, counted in `refused` and left out.
 fn read_lines(
     settings: &Settings,
     source: Source,
     refused: &mut usize,
 ) -> anyhow::Result<Vec<Line>> {
-    let raw: Vec<(usize, Vec<u8>)> = match source {
+    let raw = match source {
         Source::Text {
             bot,
             user,
             text,
             job_id,
-        } => {
-            let mut job = serde_json::json!({
+        } => flag_job(
+            serde_json::json!({
                 "botId": bot,
                 "message": {"type": "text", "userId": user, "text": text},
-            });
-            if let Some(id) = job_id {
-                job["jobId"] = serde_json::Value::String(id);
-            }
-            vec![(1, serde_json::to_vec(&job)?)]
-        }
+            }),
+            job_id,
+        )?,
         Source::Template {
             bot,
             user,
@@ -161,40 +175,56 @@ fn read_lines(
             language,
             params,
             job_id,
-        } => {
-            let mut job = serde_json::json!({
+        } => flag_job(
+            serde_json::json!({
                 "botId": bot,
                 "userId": user,
                 "template": {"elementName": name, "language": language, "parameters": params},
-            });
-            if let Some(id) = job_id {
-                job["jobId"] = serde_json::Value::String(id);
-            }
-            vec![(1, serde_json::to_vec(&job)?)]
-        }
-        Source::Lines(path) => {
-            let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
-                if std::io::stdin().is_terminal() {
-                    eprintln!("reading jobs from stdin, one JSON object per line (Ctrl-D to end)");
-                }
-                Box::new(std::io::stdin().lock())
-            } else {
-                Box::new(std::io::BufReader::new(
-                    std::fs::File::open(&path)
-                        .with_context(|| format!("cannot open {}", path.display()))?,
-                ))
-            };
-            let mut out = Vec::new();
-            for (i, line) in reader.split(b'\n').enumerate() {
-                let line = line.context("cannot read the jobs")?;
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                out.push((i + 1, line));
-            }
-            out
-        }
+            }),
+            job_id,
+        )?,
+        Source::Lines(path) => json_lines(&path)?,
     };
+    Ok(check_lines(settings, raw, refused))
+}
+
+/// The one job of flags, as line 1, with its jobId if one was given.
+fn flag_job(
+    mut job: serde_json::Value,
+    job_id: Option<String>,
+) -> anyhow::Result<Vec<(usize, Vec<u8>)>> {
+    if let Some(id) = job_id {
+        job["jobId"] = serde_json::Value::String(id);
+    }
+    Ok(vec![(1, serde_json::to_vec(&job)?)])
+}
+
+/// The non-blank lines of a file, or of stdin for `-`, with their line numbers.
+fn json_lines(path: &std::path::Path) -> anyhow::Result<Vec<(usize, Vec<u8>)>> {
+    let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
+        if std::io::stdin().is_terminal() {
+            eprintln!("reading jobs from stdin, one JSON object per line (Ctrl-D to end)");
+        }
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?,
+        ))
+    };
+    let mut out = Vec::new();
+    for (i, line) in reader.split(b'\n').enumerate() {
+        let line = line.context("cannot read the jobs")?;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        out.push((i + 1, line));
+    }
+    Ok(out)
+}
+
+/// Checks each body as the worker would read it: the ones it accepts, with the jobId
+/// it will use; the others are reported on stderr and counted in `refused`.
+fn check_lines(settings: &Settings, raw: Vec<(usize, Vec<u8>)>, refused: &mut usize) -> Vec<Line> {
     let mut lines = Vec::with_capacity(raw.len());
     for (number, body) in raw {
         // The id we print must be the one the worker will use: generate it here and
@@ -221,7 +251,7 @@ fn read_lines(
             }
         }
     }
-    Ok(lines)
+    lines
 }
 
 /// A progress bar on a terminal, a plain line every 10 % otherwise.

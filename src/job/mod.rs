@@ -128,39 +128,114 @@ pub fn parse_job(
 
 /// [`parse_job`], with Jelou's rules per message type checked only when `validate`
 /// (`jelou.validate_messages`); the contract's base checks always apply.
+///
+/// The steps, in the order their errors are reported: the body as a whole
+/// ([`read_raw`]), the jobId, the botId, message vs template, then the chosen kind's
+/// own fields ([`template_job`], [`message_job`]).
 pub fn parse_job_with(
     body: &[u8],
     message_id: Option<&str>,
     max_bytes: usize,
     validate: bool,
 ) -> Result<Job, InvalidJob> {
-    let fallback_id = || {
-        message_id
-            .filter(|id| valid_job_id(id))
-            .map(str::to_owned)
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+    let unnamed = Known {
+        message_id,
+        job_id: None,
+        bot_id: None,
+        user_id: None,
     };
-    let invalid = |job_id: Option<String>, bot_id, user_id, reason: String| InvalidJob {
-        job_id: job_id.unwrap_or_else(fallback_id),
-        bot_id,
+    let raw = read_raw(body, max_bytes).map_err(|reason| unnamed.fail(reason))?;
+    let job_id = read_job_id(raw.job_id).map_err(|reason| unnamed.fail(reason))?;
+    // Read what we can first, so an invalid job's result still names it.
+    let head = read_head(raw.message);
+    let is_template = raw.template.is_some() && raw.message.is_none();
+    let user_id = if is_template {
+        lenient_string(raw.user_id)
+    } else {
+        head.as_ref().ok().and_then(|h| lenient_string(h.user_id))
+    };
+    let known = Known {
+        message_id,
+        job_id,
+        bot_id: lenient_string(raw.bot_id),
         user_id,
-        reason,
     };
+    let bot = required(
+        raw.bot_id,
+        &known.bot_id,
+        "botId is missing",
+        "botId must be a non-empty string",
+    )
+    .map_err(|reason| known.fail(reason))?;
+    if raw.message.is_some() && raw.template.is_some() {
+        return Err(known
+            .fail("a job carries either message or template (with a top-level userId), not both"));
+    }
+    if let Some(template) = raw.template {
+        return template_job(template, &raw, known, bot, validate);
+    }
+    let Some(message) = raw.message else {
+        return Err(known.fail(
+            "message is missing (or template, with a top-level userId, for a template job)",
+        ));
+    };
+    message_job(message, head, &raw, known, bot, validate)
+}
+
+/// What could be read of a job so far, so that an invalid job's result still
+/// names it.
+struct Known<'m> {
+    /// The AMQP `message_id`: the jobId's fallback.
+    message_id: Option<&'m str>,
+    job_id: Option<String>,
+    bot_id: Option<String>,
+    user_id: Option<String>,
+}
+
+impl Known<'_> {
+    /// The invalid job, with what is known of it (an empty botId or userId is left
+    /// out) and the jobId's fallback if it had none.
+    fn fail(&self, reason: impl Into<String>) -> InvalidJob {
+        InvalidJob {
+            job_id: self
+                .job_id
+                .clone()
+                .unwrap_or_else(|| fallback_job_id(self.message_id)),
+            bot_id: self.bot_id.clone().filter(|b| !b.is_empty()),
+            user_id: self.user_id.clone().filter(|u| !u.is_empty()),
+            reason: reason.into(),
+        }
+    }
+
+    /// The jobId of a valid job: its own, else the fallback.
+    fn into_job_id(self) -> String {
+        let message_id = self.message_id;
+        self.job_id.unwrap_or_else(|| fallback_job_id(message_id))
+    }
+}
+
+/// A job without a jobId of its own is named by its AMQP `message_id` if that would
+/// be a valid jobId, else by a fresh UUID.
+fn fallback_job_id(message_id: Option<&str>) -> String {
+    message_id
+        .filter(|id| valid_job_id(id))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// The body as a whole: its size, UTF-8, a JSON object; then its top-level fields,
+/// borrowed from `body`.
+fn read_raw(body: &[u8], max_bytes: usize) -> Result<RawJob<'_>, String> {
     if body.len() > max_bytes {
-        return Err(invalid(
-            None,
-            None,
-            None,
-            format!(
-                "job is {} bytes, larger than amqp.max_job_bytes ({max_bytes})",
-                body.len()
-            ),
+        return Err(format!(
+            "job is {} bytes, larger than amqp.max_job_bytes ({max_bytes})",
+            body.len()
         ));
     }
     // JSON is UTF-8 (RFC 8259): serde_json checks the strings it reads, but not those
     // of fields it skips, so the whole body is checked here.
     if std::str::from_utf8(body).is_err() {
-        return Err(invalid(None, None, None, "job is not UTF-8 JSON".into()));
+        return Err("job is not UTF-8 JSON".into());
     }
     // serde would also read a JSON array positionally into the struct: refuse it.
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
@@ -169,121 +244,119 @@ pub fn parse_job_with(
         } else {
             "job must be a JSON object"
         };
-        return Err(invalid(None, None, None, reason.into()));
+        return Err(reason.into());
     }
-    let raw: RawJob = serde_json::from_slice(body)
-        .map_err(|e| invalid(None, None, None, format!("job is not valid JSON: {e}")))?;
+    serde_json::from_slice(body).map_err(|e| format!("job is not valid JSON: {e}"))
+}
 
-    // Read what we can first, so an invalid job's result still names it.
-    let job_id = match raw.job_id.map(string_of) {
-        None | Some(Ok(None)) => None,
-        Some(Ok(Some(id))) if valid_job_id(&id) => Some(id),
-        Some(_) => {
-            return Err(invalid(
-                None,
-                None,
-                None,
-                format!("jobId must be a string of 1 to {MAX_JOB_ID_CHARS} characters"),
-            ));
-        }
-    };
-    let bot_id = raw.bot_id.and_then(|v| string_of(v).ok().flatten());
-    let is_template = raw.template.is_some() && raw.message.is_none();
-    // A message that is an object but cannot be read (a duplicate `type` or `userId`:
-    // which one would Jelou read?) says why.
-    let head: Result<RawMessage, String> = match raw.message {
+/// The `jobId`: absent or null is `None`; anything but a valid one is an error.
+fn read_job_id(raw: Option<&RawValue>) -> Result<Option<String>, String> {
+    match raw.map(string_of) {
+        None | Some(Ok(None)) => Ok(None),
+        Some(Ok(Some(id))) if valid_job_id(&id) => Ok(Some(id)),
+        Some(_) => Err(format!(
+            "jobId must be a string of 1 to {MAX_JOB_ID_CHARS} characters"
+        )),
+    }
+}
+
+/// The `message`'s `type` and `userId`. A message that is an object but cannot be
+/// read (a duplicate `type` or `userId`: which one would Jelou read?) says why.
+fn read_head(message: Option<&RawValue>) -> Result<RawMessage<'_>, String> {
+    match message {
         Some(m) if m.get().starts_with('{') => {
             serde_json::from_str(m.get()).map_err(|e| format!("message: {e}"))
         }
         _ => Err("message must be a JSON object".into()),
-    };
-    let user_id = if is_template {
-        raw.user_id.and_then(|v| string_of(v).ok().flatten())
-    } else {
-        head.as_ref()
-            .ok()
-            .and_then(|h| h.user_id)
-            .and_then(|v| string_of(v).ok().flatten())
-    };
-    let fail = |reason: &str| {
-        invalid(
-            job_id.clone(),
-            bot_id.clone().filter(|b| !b.is_empty()),
-            user_id.clone().filter(|u| !u.is_empty()),
-            reason.to_string(),
-        )
-    };
+    }
+}
 
-    let bot = match (&raw.bot_id, &bot_id) {
-        (None, _) => return Err(fail("botId is missing")),
-        (Some(_), Some(b)) if !b.is_empty() => b.clone(),
-        _ => return Err(fail("botId must be a non-empty string")),
-    };
-    if raw.message.is_some() && raw.template.is_some() {
-        return Err(fail(
-            "a job carries either message or template (with a top-level userId), not both",
-        ));
+/// A string field as far as it can be read: `None` if absent, null or not a string.
+fn lenient_string(raw: Option<&RawValue>) -> Option<String> {
+    raw.and_then(|v| string_of(v).ok().flatten())
+}
+
+/// A required non-empty string field, from its raw value and what
+/// [`lenient_string`] read of it: `missing` if absent, `bad` if not a non-empty
+/// string.
+fn required(
+    raw: Option<&RawValue>,
+    read: &Option<String>,
+    missing: &'static str,
+    bad: &'static str,
+) -> Result<String, &'static str> {
+    match (raw, read) {
+        (None, _) => Err(missing),
+        (Some(_), Some(s)) if !s.is_empty() => Ok(s.clone()),
+        _ => Err(bad),
     }
-    if let Some(template) = raw.template {
-        let user = match (raw.user_id, &user_id) {
-            (None, _) => {
-                return Err(fail(
-                    "userId is missing (a template job names its recipient)",
-                ));
-            }
-            (Some(_), Some(u)) if !u.is_empty() => u.clone(),
-            _ => return Err(fail("userId must be a non-empty string")),
-        };
-        let deadline = read_deadline(raw.deadline).map_err(|reason| fail(&reason))?;
-        let checked = if validate {
-            template::check_template(template)
-        } else {
-            template::check_shape(template)
-        };
-        checked.map_err(|p| fail(&p.to_string()))?;
-        return Ok(Job {
-            job_id: job_id.unwrap_or_else(fallback_id),
-            bot_id: bot,
-            message: template::hsm_body(template, &user),
-            user_id: user,
-            deadline,
-            kind: JobKind::Template,
-            unchecked_type: None,
-        });
-    }
-    let Some(message) = raw.message else {
-        return Err(fail(
-            "message is missing (or template, with a top-level userId, for a template job)",
-        ));
+}
+
+/// A template job: its top-level `userId`, its deadline, its template (the shape
+/// only, unless `validate`); the body is the template plus its destination.
+fn template_job(
+    template: &RawValue,
+    raw: &RawJob<'_>,
+    known: Known<'_>,
+    bot: String,
+    validate: bool,
+) -> Result<Job, InvalidJob> {
+    let user = required(
+        raw.user_id,
+        &known.user_id,
+        "userId is missing (a template job names its recipient)",
+        "userId must be a non-empty string",
+    )
+    .map_err(|reason| known.fail(reason))?;
+    let deadline = read_deadline(raw.deadline).map_err(|reason| known.fail(reason))?;
+    let checked = if validate {
+        template::check_template(template)
+    } else {
+        template::check_shape(template)
     };
-    let head = match head {
-        Ok(head) => head,
-        Err(reason) => return Err(fail(&reason)),
-    };
-    match head.kind.map(string_of) {
-        None => return Err(fail("message.type is missing")),
-        Some(Ok(Some(t))) if !t.is_empty() => {}
-        Some(_) => return Err(fail("message.type must be a non-empty string")),
-    }
-    let user = match (head.user_id, &user_id) {
-        (None, _) => return Err(fail("message.userId is missing")),
-        (Some(_), Some(u)) if !u.is_empty() => u.clone(),
-        _ => return Err(fail("message.userId must be a non-empty string")),
-    };
-    let deadline = read_deadline(raw.deadline).map_err(|reason| fail(&reason))?;
-    let mut unchecked_type = None;
-    if validate {
-        match rules::check_message(message) {
-            Ok(rules::Verdict::Valid) => {}
-            Ok(rules::Verdict::UnknownType(t)) => {
-                warn_unknown_type(&t);
-                unchecked_type = Some(t);
-            }
-            Err(p) => return Err(fail(&p.to_string())),
-        }
-    }
+    checked.map_err(|p| known.fail(p.to_string()))?;
     Ok(Job {
-        job_id: job_id.unwrap_or_else(fallback_id),
+        job_id: known.into_job_id(),
+        bot_id: bot,
+        message: template::hsm_body(template, &user),
+        user_id: user,
+        deadline,
+        kind: JobKind::Template,
+        unchecked_type: None,
+    })
+}
+
+/// A message job: its message's head (`type`, `userId`), its deadline, then Jelou's
+/// rules for its type if `validate`; the body is the message as sent.
+fn message_job(
+    message: &RawValue,
+    head: Result<RawMessage<'_>, String>,
+    raw: &RawJob<'_>,
+    known: Known<'_>,
+    bot: String,
+    validate: bool,
+) -> Result<Job, InvalidJob> {
+    let head = head.map_err(|reason| known.fail(reason))?;
+    match head.kind.map(string_of) {
+        None => return Err(known.fail("message.type is missing")),
+        Some(Ok(Some(t))) if !t.is_empty() => {}
+        Some(_) => return Err(known.fail("message.type must be a non-empty string")),
+    }
+    let user = required(
+        head.user_id,
+        &known.user_id,
+        "message.userId is missing",
+        "message.userId must be a non-empty string",
+    )
+    .map_err(|reason| known.fail(reason))?;
+    let deadline = read_deadline(raw.deadline).map_err(|reason| known.fail(reason))?;
+    let unchecked_type = if validate {
+        check_rules(message).map_err(|reason| known.fail(reason))?
+    } else {
+        None
+    };
+    Ok(Job {
+        job_id: known.into_job_id(),
         bot_id: bot,
         user_id: user,
         message: message.to_owned(),
@@ -291,6 +364,19 @@ pub fn parse_job_with(
         kind: JobKind::Message,
         unchecked_type,
     })
+}
+
+/// Jelou's rules for the message's type: `Some(type)` for a type the worker has no
+/// rules for (warned about once), the problem if it breaks them.
+fn check_rules(message: &RawValue) -> Result<Option<String>, String> {
+    match rules::check_message(message) {
+        Ok(rules::Verdict::Valid) => Ok(None),
+        Ok(rules::Verdict::UnknownType(t)) => {
+            warn_unknown_type(&t);
+            Ok(Some(t))
+        }
+        Err(p) => Err(p.to_string()),
+    }
 }
 
 fn read_deadline(raw: Option<&RawValue>) -> Result<Option<DateTime<Utc>>, String> {
