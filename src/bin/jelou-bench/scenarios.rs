@@ -171,10 +171,12 @@ impl RunSpec {
             (Pipeline::Worker, true) => ", order on",
             (Pipeline::Worker, false) => ", order off",
         };
+        let jobs = match self.jobs {
+            0 => "no jobs".to_string(),
+            n => format!("{n} jobs of {} users", self.users),
+        };
         format!(
-            "{} jobs of {} users, {}{order}, prefetch {}, Jelou answering after {} ms{jitter}, {length}",
-            self.jobs,
-            self.users,
+            "{jobs}, {}{order}, prefetch {}, Jelou answering after {} ms{jitter}, {length}",
             self.pipeline.name(),
             self.prefetch,
             self.latency.as_millis()
