@@ -1,5 +1,5 @@
 //! CI smoke test of the shipped benchmark (`jelou-bench`): every scenario at a tiny
-//! size against the real local RabbitMQ. It checks that the benchmark works and that
+//! size against the real local RabbitMQ, with order on (the default). It checks that the benchmark works and that
 //! every job got exactly one result; it never asserts speed, which depends on the
 //! machine.
 
@@ -12,7 +12,7 @@ fn every_scenario_runs_and_every_job_gets_exactly_one_result() {
     let mut command = Command::new(env!("CARGO_BIN_EXE_jelou-bench"));
     command.args([
         "--scenario",
-        "instant,latency,idle,backlog",
+        "instant,latency,idle,backlog,conversations",
         "--jobs",
         "300",
         "--latency-ms",
@@ -23,6 +23,10 @@ fn every_scenario_runs_and_every_job_gets_exactly_one_result() {
         "1000",
         "--backlog-secs",
         "1",
+        "--users",
+        "5",
+        "--messages-per-user",
+        "4",
         // The worker built for this test run, not whatever lies in target/release.
         "--worker-bin",
         env!("CARGO_BIN_EXE_jelou-worker"),
@@ -60,7 +64,9 @@ fn every_scenario_runs_and_every_job_gets_exactly_one_result() {
             "latency",
             "idle",
             "backlog-200",
-            "backlog-1000"
+            "backlog-1000",
+            "conv-order-on",
+            "conv-order-off"
         ]
     );
     for run in runs {
@@ -83,4 +89,15 @@ fn every_scenario_runs_and_every_job_gets_exactly_one_result() {
         assert!(run["jobs_per_sec"].as_f64().is_some_and(|r| r > 0.0));
     }
     assert_eq!(runs[3]["results"]["done"], 0);
+    // Conversations: 5 users × 4 messages, both ways; with order on, the stand-in saw
+    // each user's messages one at a time and in order.
+    for run in &runs[6..] {
+        assert_eq!(run["results"]["done"], 20, "{}", run["name"]);
+        assert_eq!(run["order_check"]["messages"], 20, "{}", run["name"]);
+        assert_eq!(run["order_check"]["users"], 5, "{}", run["name"]);
+    }
+    assert_eq!(runs[6]["order"], true);
+    assert_eq!(runs[6]["order_check"]["out_of_order"], 0, "{}", runs[6]);
+    assert_eq!(runs[6]["order_check"]["overlapping"], 0, "{}", runs[6]);
+    assert_eq!(runs[7]["order"], false);
 }

@@ -19,7 +19,7 @@ use lapin::{
 };
 use tokio::sync::Notify;
 
-use crate::{BOT_ID, USER_ID, child::ChildProcess, probes::Clock, run::Names};
+use crate::{BOT_ID, child::ChildProcess, probes::Clock, run::Names};
 
 /// Publishes awaiting their confirm while filling a queue: enough to keep a quorum
 /// queue's Raft log busy, as `jelou-worker enqueue` does with 256.
@@ -53,21 +53,29 @@ pub(crate) async fn connect(amqp: &AmqpSettings) -> anyhow::Result<Connection> {
     }
 }
 
-/// A job's body, as a producer would write it.
-fn job_body(job_id: &str) -> Vec<u8> {
+/// The userId of user `n`: a phone number, as WhatsApp's.
+pub(crate) fn user_id(n: u64) -> String {
+    format!("5939{n:08}")
+}
+
+/// A job's body, as a producer would write it. The text starts with `m<seq>:`, which
+/// the stand-in reads to check each user's order.
+fn job_body(job_id: &str, user: &str, seq: u64) -> Vec<u8> {
     format!(
-        r#"{{"jobId":"{job_id}","botId":"{BOT_ID}","message":{{"type":"text","userId":"{USER_ID}","text":"Hola, este es un mensaje de prueba del benchmark"}}}}"#
+        r#"{{"jobId":"{job_id}","botId":"{BOT_ID}","message":{{"type":"text","userId":"{user}","text":"m{seq}: Hola, este es un mensaje de prueba del benchmark"}}}}"#
     )
     .into_bytes()
 }
 
 /// Fills the jobs queue with confirmed, pipelined publishing; returns the jobs/s reached.
 /// Each jobId is `b<tag>-<seq>-<enqueue time in µs>`; it is also the AMQP `message_id`,
-/// which is what the null pipeline, which does not read bodies, answers with.
+/// which is what the null pipeline, which does not read bodies, answers with. Job `seq`
+/// is user `seq % users`'s.
 pub(crate) async fn prefill(
     connection: &Connection,
     names: &Names,
     jobs: u64,
+    users: u64,
     clock: Clock,
 ) -> anyhow::Result<f64> {
     let channel = on_broker("channel.open", connection.create_channel()).await?;
@@ -86,7 +94,7 @@ pub(crate) async fn prefill(
             .with_delivery_mode(2)
             .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64)
             .with_message_id(job_id.as_str().into());
-        let body = job_body(&job_id);
+        let body = job_body(&job_id, &user_id(seq % users.max(1)), seq);
         let confirm = on_broker(
             "basic.publish",
             channel.basic_publish(
@@ -187,19 +195,9 @@ async fn passive_declare(channel: &Channel, queue: &str) -> anyhow::Result<lapin
     .await
 }
 
-/// The queue's message count once it stops changing: a quorum queue applies the acks
-/// and returns of a closed connection through its log, a moment after the close.
-pub(crate) async fn settled_count(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
-    let mut last = passive_declare(channel, queue).await?.message_count();
-    for _ in 0..20 {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        let now = passive_declare(channel, queue).await?.message_count();
-        if now == last {
-            break;
-        }
-        last = now;
-    }
-    Ok(last)
+/// The queue's ready message count, without declaring it.
+pub(crate) async fn message_count(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
+    Ok(passive_declare(channel, queue).await?.message_count())
 }
 
 /// Receives every result of a run (auto-ack, from a queue bound to the run's result

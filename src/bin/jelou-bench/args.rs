@@ -16,7 +16,7 @@ use serde::Serialize;
 )]
 pub(crate) struct Args {
     /// Scenarios to run (repeatable or comma-separated; default: all). They always run
-    /// in the order instant, latency, idle, backlog.
+    /// in the order instant, latency, idle, backlog, conversations.
     #[arg(
         long = "scenario",
         value_enum,
@@ -52,6 +52,23 @@ pub(crate) struct Args {
     /// How long each `backlog` run lets the worker work, in seconds.
     #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) backlog_secs: u64,
+    /// Per-user order in the worker (`order.enabled`), for every scenario but
+    /// `conversations`, which runs both ways. Passed as JELOU_WORKER__ORDER__ENABLED.
+    #[arg(long, default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off, value_name = "on|off")]
+    pub(crate) order: bool,
+    /// Partitions with order on (`order.partitions`). Passed as
+    /// JELOU_WORKER__ORDER__PARTITIONS.
+    #[arg(long, default_value_t = 16, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub(crate) partitions: u16,
+    /// Users in `conversations`, each sending `--messages-per-user` messages.
+    #[arg(long, default_value_t = 50, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) users: u64,
+    /// Messages per user in `conversations`.
+    #[arg(long, default_value_t = 20, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) messages_per_user: u64,
+    /// The stand-in's answer delay in `conversations`, in ms.
+    #[arg(long, default_value_t = 20, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) conversation_latency_ms: u64,
     /// The broker; comma-separated URLs name the nodes of one cluster. Passed to the
     /// worker and the null pipeline as JELOU_WORKER__AMQP__URL.
     #[arg(
@@ -83,6 +100,14 @@ pub(crate) fn parse_queue_type(s: &str) -> Result<QueueType, String> {
     }
 }
 
+pub(crate) fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("`{other}`: expected on or off")),
+    }
+}
+
 /// What the bench can measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -97,10 +122,16 @@ pub(crate) enum ScenarioName {
     /// Memory with 200 jobs queued and with `--backlog-jobs` queued (prefetch 64):
     /// it follows the prefetch, not the queue's length.
     Backlog,
+    /// `--users` users sending `--messages-per-user` messages each, Jelou answering
+    /// after `--conversation-latency-ms`: jobs/s and latency with order on, then the
+    /// same with order off; with order on, the stand-in checks that each user's
+    /// messages came one at a time and in order.
+    Conversations,
 }
 
 impl Args {
-    /// The scenarios to run, each once, in the order instant, latency, idle, backlog.
+    /// The scenarios to run, each once, in the order instant, latency, idle, backlog,
+    /// conversations.
     pub(crate) fn scenarios(&self) -> Vec<ScenarioName> {
         let mut scenarios = if self.scenarios.is_empty() {
             vec![
@@ -108,6 +139,7 @@ impl Args {
                 ScenarioName::Latency,
                 ScenarioName::Idle,
                 ScenarioName::Backlog,
+                ScenarioName::Conversations,
             ]
         } else {
             self.scenarios.clone()

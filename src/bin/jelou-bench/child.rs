@@ -23,7 +23,10 @@ pub(crate) fn locate_worker(explicit: Option<&Path>) -> anyhow::Result<PathBuf> 
         if !path.is_file() {
             bail!("--worker-bin {}: no such file", path.display());
         }
-        return Ok(path.to_path_buf());
+        // Absolute: the child is started in the temporary directory, where a path
+        // relative to the bench's own directory would name nothing.
+        return std::path::absolute(path)
+            .with_context(|| format!("--worker-bin {}", path.display()));
     }
     let exe = std::env::current_exe().context("locating jelou-bench's own binary")?;
     let profile_dir = exe

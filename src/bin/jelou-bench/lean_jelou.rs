@@ -10,6 +10,11 @@
 //! (httparse), and one write. Anything else than a well-formed POST to the messages
 //! path gets a 404 or a 400, so a worker that sent something wrong would not pass as
 //! a fast one.
+//!
+//! On request ([`LeanJelou::record`]) it also notes, for each message, its userId and
+//! the sequence number the bench wrote at the head of its text, when it arrived and
+//! when it was answered: enough to check that each user's messages came one at a time
+//! and in order. Off by default, so that `instant` measures no bookkeeping.
 
 use std::{
     cmp::Reverse,
@@ -60,6 +65,57 @@ struct Shared {
     alarm: Arc<Alarm>,
     /// Requests answered with success; also the next messageId.
     answered: AtomicU64,
+    /// Whether to note what arrives in `received`.
+    recording: AtomicBool,
+    received: Mutex<Vec<Received>>,
+}
+
+/// A message's arrival or its answer, in the order they happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Received {
+    /// The message's userId (empty if the body had none).
+    pub(crate) user: String,
+    /// The number after `m` at the head of its text (the job's sequence number).
+    pub(crate) seq: Option<u64>,
+    /// False when it arrived, true when it was answered.
+    pub(crate) answered: bool,
+}
+
+impl Shared {
+    /// Notes a message's arrival or answer, if recording.
+    fn note(&self, request: &[u8], answered: bool) {
+        if self.recording.load(Ordering::Relaxed) {
+            let (user, seq) = user_and_seq(request);
+            self.received.lock().expect("not poisoned").push(Received {
+                user,
+                seq,
+                answered,
+            });
+        }
+    }
+}
+
+/// The userId and the `m<seq>:` head of the text of a message request, found by
+/// searching the bytes (the bench writes the body, so no JSON parser is needed).
+fn user_and_seq(request: &[u8]) -> (String, Option<u64>) {
+    let after = |key: &[u8]| {
+        request
+            .windows(key.len())
+            .position(|w| w == key)
+            .map(|i| &request[i + key.len()..])
+    };
+    let user = after(br#""userId":""#)
+        .and_then(|rest| {
+            let end = rest.iter().position(|&b| b == b'"')?;
+            std::str::from_utf8(&rest[..end]).ok()
+        })
+        .unwrap_or_default()
+        .to_string();
+    let seq = after(br#""text":"m"#).and_then(|rest| {
+        let end = rest.iter().position(|b| !b.is_ascii_digit())?;
+        std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
+    });
+    (user, seq)
 }
 
 /// Wakes delayed answers at their deadline, to within a few tens of microseconds.
@@ -173,6 +229,8 @@ impl LeanJelou {
             delay: Delay::default(),
             alarm: Alarm::start()?,
             answered: AtomicU64::new(0),
+            recording: AtomicBool::new(false),
+            received: Mutex::new(Vec::new()),
         });
         let stop = CancellationToken::new();
         let (serving, stopped) = (shared.clone(), stop.clone());
@@ -211,6 +269,13 @@ impl LeanJelou {
             .store(u64::from(jitter_pct), Ordering::Relaxed);
     }
 
+    /// Starts (`true`) or stops noting what arrives; returns what was noted since the
+    /// last call, and forgets it.
+    pub fn record(&self, on: bool) -> Vec<Received> {
+        self.shared.recording.store(on, Ordering::Relaxed);
+        std::mem::take(&mut *self.shared.received.lock().expect("not poisoned"))
+    }
+
     /// Requests answered with success so far.
     pub fn answered(&self) -> u64 {
         self.shared.answered.load(Ordering::Relaxed)
@@ -235,8 +300,10 @@ async fn serve(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
         loop {
             match parse(&buf[used..]) {
                 Parsed::Complete { len, messages_post } => {
+                    let request = used..used + len;
                     used += len;
                     if messages_post {
+                        shared.note(&buf[request.clone()], false);
                         let delay = shared.delay.next();
                         if !delay.is_zero() {
                             let at = Instant::now() + delay;
@@ -246,6 +313,7 @@ async fn serve(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
                             }
                             shared.alarm.until(at).await;
                         }
+                        shared.note(&buf[request], true);
                         let id = shared.answered.fetch_add(1, Ordering::Relaxed) + 1;
                         success(&mut out, id);
                     } else {
@@ -388,6 +456,16 @@ mod tests {
             Parsed::Invalid
         );
         assert_eq!(parse(b"\x00\x01garbage\r\n\r\n"), Parsed::Invalid);
+    }
+
+    #[test]
+    fn finds_the_user_and_the_sequence_number_of_a_bench_message() {
+        let req = br#"POST /v1/bots/b/messages HTTP/1.1
+content-length: 60
+
+{"type":"text","userId":"593900000007","text":"m42: Hola"}"#;
+        assert_eq!(user_and_seq(req), ("593900000007".to_string(), Some(42)));
+        assert_eq!(user_and_seq(b"{}"), (String::new(), None));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `jelou-bench`: how fast and how lean the worker is, measured on the local RabbitMQ.
 //!
 //! ```sh
-//! cargo run --release --bin jelou-bench -- [--scenario instant,latency,idle,backlog] [--jobs N] ...
+//! cargo run --release --bin jelou-bench -- [--scenario instant,latency,idle,backlog,conversations] [--jobs N] [--order on|off] ...
 //! ```
 //!
 //! # What runs
@@ -39,6 +39,11 @@
 //!   time to the first result is the latency of a job that does not wait.
 //! - CPU is the child's utime + stime (`/proc/<pid>/stat`) over the window; peak RSS is
 //!   its `VmHWM` (`/proc/<pid>/status`) at the end of the window, start-up included.
+//! - Each job has a user: its own in `instant`, `latency`, `idle` and `backlog` (with
+//!   order on, one user's jobs go one at a time, which would measure one user, not the
+//!   worker); job `seq` of `conversations` is user `seq % --users`'s.
+//! - Jobs left after a run are counted in every queue that holds jobs: the jobs queue,
+//!   the retry and delay queues and, with order on, the partition and wait queues.
 //! - Every job must get exactly one result, matched by the result's `correlation_id`
 //!   (the jobId); otherwise the exit status is 1. Exit status 2: the bench could not
 //!   run (RabbitMQ down, worker binary missing, ...).
@@ -80,8 +85,6 @@ use run::Bench;
 const STAND_IN_THREAD: &str = "stand-in";
 /// The botId of every benchmark job.
 const BOT_ID: &str = "bench-bot";
-/// The userId of every benchmark job.
-const USER_ID: &str = "593987654321";
 
 fn main() -> ExitCode {
     let args = Args::parse();

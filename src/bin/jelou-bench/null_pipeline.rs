@@ -120,11 +120,13 @@ async fn open_channels(
 
 /// A real success result, built once: the same size on the wire as the worker's.
 fn fixed_result() -> Arc<[u8]> {
+    // A userId of the same length as every bench job's.
+    let user_id = crate::amqp::user_id(0);
     result_body(
         ResultFor {
             job_id: "b00000000-0-0",
             bot_id: Some(crate::BOT_ID),
-            user_id: Some(crate::USER_ID),
+            user_id: Some(&user_id),
         },
         &JobOutcome::Success {
             message_id: "msg-1".into(),

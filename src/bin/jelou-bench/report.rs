@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::{
     amqp::Tally,
     args::{Args, ScenarioName},
+    lean_jelou::Received,
     probes::{Memory, Sample},
     run::Bench,
     scenarios::{Mode, Pipeline, RunSpec},
@@ -46,6 +47,10 @@ pub(crate) struct Options {
     pub(crate) jitter_pct: u8,
     /// Runs of `instant` and `latency`; the targets use the median.
     pub(crate) repeat: u8,
+    /// `--order`: per-user order in the worker (all scenarios but `conversations`,
+    /// which runs both ways).
+    pub(crate) order: bool,
+    pub(crate) partitions: u16,
     pub(crate) worker_bin: String,
 }
 
@@ -57,6 +62,10 @@ pub(crate) struct RunReport {
     /// `jelou-worker` or `null-pipeline`.
     pub(crate) pipeline: &'static str,
     pub(crate) jobs: u64,
+    /// Distinct users the jobs came from.
+    pub(crate) users: u64,
+    /// Per-user order in the worker (meaningless for the null pipeline).
+    pub(crate) order: bool,
     pub(crate) prefetch: u16,
     pub(crate) jelou_latency_ms: u64,
     /// The stand-in's delay varied by ± this many percent.
@@ -89,7 +98,71 @@ pub(crate) struct RunReport {
     /// Fraction of all the machine's CPUs in use over the window.
     pub(crate) machine_busy: Option<f64>,
     pub(crate) results: ResultCheck,
+    /// What the stand-in saw of each user's messages (`conversations`).
+    pub(crate) order_check: Option<OrderCheck>,
     pub(crate) problems: Vec<String>,
+}
+
+/// Each user's messages as the stand-in Jelou received them.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub(crate) struct OrderCheck {
+    /// Messages received.
+    pub(crate) messages: u64,
+    pub(crate) users: u64,
+    /// Messages that arrived after a later message of the same user.
+    pub(crate) out_of_order: u64,
+    /// Messages that arrived while another of the same user was still unanswered.
+    pub(crate) overlapping: u64,
+}
+
+impl OrderCheck {
+    /// Walks the arrivals and answers in the order they happened.
+    pub(crate) fn of(received: &[Received]) -> Self {
+        use std::collections::HashMap;
+        #[derive(Default)]
+        struct User {
+            last_seq: Option<u64>,
+            in_flight: u64,
+        }
+        let mut users: HashMap<&str, User> = HashMap::new();
+        let mut check = OrderCheck {
+            messages: 0,
+            users: 0,
+            out_of_order: 0,
+            overlapping: 0,
+        };
+        for r in received {
+            let user = users.entry(r.user.as_str()).or_default();
+            if r.answered {
+                user.in_flight = user.in_flight.saturating_sub(1);
+                continue;
+            }
+            check.messages += 1;
+            if user.in_flight > 0 {
+                check.overlapping += 1;
+            }
+            user.in_flight += 1;
+            if let Some(seq) = r.seq {
+                if user.last_seq.is_some_and(|last| seq < last) {
+                    check.out_of_order += 1;
+                }
+                user.last_seq = Some(user.last_seq.map_or(seq, |last| last.max(seq)));
+            }
+        }
+        check.users = users.len() as u64;
+        check
+    }
+
+    /// Order on promises neither.
+    fn problem(&self) -> Option<String> {
+        (self.out_of_order > 0 || self.overlapping > 0).then(|| {
+            format!(
+                "per-user order broken with order on: {} messages out of order, {} sent while \
+                 the same user's previous one was unanswered",
+                self.out_of_order, self.overlapping
+            )
+        })
+    }
 }
 
 impl RunReport {
@@ -158,6 +231,8 @@ pub(crate) struct Measured {
     pub(crate) left: u64,
     /// Messages the stand-in Jelou answered while the child ran.
     pub(crate) jelou_requests: u64,
+    /// What the stand-in noted, when the run checks per-user order.
+    pub(crate) received: Option<Vec<Received>>,
     pub(crate) tally: Tally,
     pub(crate) problems: Vec<String>,
 }
@@ -198,6 +273,8 @@ impl Report {
                 latency_ms: args.latency_ms,
                 jitter_pct: args.jitter_pct,
                 repeat: args.repeat,
+                order: args.order,
+                partitions: args.partitions,
                 worker_bin: bench.worker_bin.display().to_string(),
             },
             ok: problems.is_empty(),
@@ -233,9 +310,14 @@ impl RunReport {
             prefill_rate,
             left,
             jelou_requests,
+            received,
             tally,
             mut problems,
         } = m;
+        let order_check = received.as_deref().map(OrderCheck::of);
+        if spec.order && spec.pipeline == Pipeline::Worker {
+            problems.extend(order_check.as_ref().and_then(OrderCheck::problem));
+        }
         let window = Window::of(spec, &start, &end, &tally);
         let results = check_results(spec, &tally, left, jelou_requests, &mut problems);
         let bound = spec.bound();
@@ -248,6 +330,8 @@ impl RunReport {
             scenario: spec.scenario,
             pipeline: spec.pipeline.name(),
             jobs: spec.jobs,
+            users: spec.users,
+            order: spec.order,
             prefetch: spec.prefetch,
             jelou_latency_ms: spec.latency.as_millis() as u64,
             jelou_jitter_pct: if spec.latency.is_zero() {
@@ -280,6 +364,7 @@ impl RunReport {
                 .map(|(a, b)| window.share(a, b)),
             machine_busy: machine_busy(&start, &end),
             results,
+            order_check,
             problems,
         }
     }
@@ -553,7 +638,50 @@ fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::median_of;
+    use super::{OrderCheck, median_of};
+    use crate::lean_jelou::Received;
+
+    fn arrived(user: &str, seq: u64) -> Received {
+        Received {
+            user: user.into(),
+            seq: Some(seq),
+            answered: false,
+        }
+    }
+
+    fn answered(user: &str, seq: u64) -> Received {
+        Received {
+            answered: true,
+            ..arrived(user, seq)
+        }
+    }
+
+    #[test]
+    fn the_order_check_counts_late_and_overlapping_messages_per_user() {
+        let in_order = [
+            arrived("a", 0),
+            arrived("b", 1),
+            answered("a", 0),
+            arrived("a", 2),
+            answered("b", 1),
+            answered("a", 2),
+        ];
+        let check = OrderCheck::of(&in_order);
+        assert_eq!((check.messages, check.users), (3, 2));
+        assert_eq!((check.out_of_order, check.overlapping), (0, 0));
+        assert_eq!(check.problem(), None);
+
+        let broken = [
+            arrived("a", 2),
+            arrived("a", 0),
+            answered("a", 2),
+            answered("a", 0),
+            arrived("a", 4),
+        ];
+        let check = OrderCheck::of(&broken);
+        assert_eq!((check.out_of_order, check.overlapping), (1, 1));
+        assert!(check.problem().is_some());
+    }
 
     #[test]
     fn median_of_odd_and_even_counts() {

@@ -8,17 +8,20 @@ use std::{
 };
 
 use anyhow::{Context, anyhow};
+use futures_util::StreamExt;
 use jelou_worker::{
     broker::Topology,
-    config::{AmqpSettings, AmqpUrls, Settings},
+    config::{AmqpSettings, AmqpUrls, OrderSettings, Settings},
+    job::header,
 };
 use lapin::{
     Channel, Connection,
-    options::{ExchangeDeleteOptions, QueueDeleteOptions},
+    options::{BasicConsumeOptions, BasicQosOptions, ExchangeDeleteOptions, QueueDeleteOptions},
+    types::FieldTable,
 };
 
 use crate::{
-    amqp::{Collector, connect, on_broker, prefill, settled_count, wait_consuming},
+    amqp::{Collector, connect, message_count, on_broker, prefill, wait_consuming},
     args::Args,
     child::{ChildProcess, locate_worker},
     lean_jelou::LeanJelou,
@@ -29,6 +32,8 @@ use crate::{
 
 /// After the last expected result: time for a duplicate, if any, to arrive.
 const SETTLE: Duration = Duration::from_millis(300);
+/// Bound on each delivery while reading a queue for its token.
+const TOKEN_READ: Duration = Duration::from_secs(10);
 
 /// The names of one run's queues and exchanges, unique to the bench invocation.
 pub(crate) struct Names {
@@ -41,18 +46,24 @@ pub(crate) struct Names {
 }
 
 impl Names {
-    fn new(tag: &str, run: &str, amqp: &AmqpSettings, prefetch: u16) -> Self {
+    fn new(tag: &str, run: &str, amqp: &AmqpSettings, spec: &RunSpec, partitions: u16) -> Self {
         let prefix = format!("bench.{tag}.{run}");
         let settings = Settings {
             amqp: AmqpSettings {
-                prefetch,
+                prefetch: spec.prefetch,
                 ..amqp.namespaced(&prefix)
+            },
+            order: OrderSettings {
+                enabled: spec.order,
+                partitions,
+                ..OrderSettings::default()
             },
             ..Settings::default()
         };
         // The worker declares its retry and delay queues after its retry settings
-        // (the defaults, as nothing else is set): the bench declares and deletes the
-        // same ones.
+        // (the defaults, as nothing else is set), and with order on its ordered queues
+        // after `order` (passed to it below): the bench declares, counts and deletes
+        // the same ones.
         let topology = Topology::for_settings(&settings);
         Self {
             topology,
@@ -87,6 +98,11 @@ impl Names {
             ("AMQP__DEAD_LETTER_EXCHANGE", a.dead_letter_exchange.clone()),
             ("AMQP__DEAD_LETTER_QUEUE", a.dead_letter_queue.clone()),
             ("AMQP__PREFETCH", a.prefetch.to_string()),
+            ("ORDER__ENABLED", self.settings.order.enabled.to_string()),
+            (
+                "ORDER__PARTITIONS",
+                self.settings.order.partitions.to_string(),
+            ),
             ("JELOU__BASE_URL", stand_in.base_url()),
             ("JELOU__CLIENT_ID", "jelou-bench".to_string()),
             ("JELOU__CLIENT_SECRET", "jelou-bench".to_string()),
@@ -111,6 +127,8 @@ pub(crate) struct Bench<'a> {
     pub(crate) worker_bin: PathBuf,
     self_exe: PathBuf,
     pub(crate) probe: Probe,
+    /// `--partitions`.
+    partitions: u16,
 }
 
 impl<'a> Bench<'a> {
@@ -136,6 +154,7 @@ impl<'a> Bench<'a> {
             worker_bin,
             self_exe,
             probe,
+            partitions: args.partitions,
         })
     }
 
@@ -167,7 +186,7 @@ impl Bench<'_> {
     /// Runs one child and cleans up its queues and exchanges whatever happened, Ctrl-C
     /// included (the child is killed when its handle is dropped).
     async fn run(&self, spec: &RunSpec) -> anyhow::Result<RunReport> {
-        let names = Names::new(&self.tag, &spec.name, &self.amqp, spec.prefetch);
+        let names = Names::new(&self.tag, &spec.name, &self.amqp, spec, self.partitions);
         let outcome = tokio::select! {
             report = self.measure(spec, &names) => report,
             _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
@@ -180,6 +199,7 @@ impl Bench<'_> {
         let (collector, prefill_rate) = self.prepare(spec, names).await?;
         let channel = on_broker("channel.open", self.connection.create_channel()).await?;
         let requests_before = self.stand_in.answered();
+        self.stand_in.record(spec.check_order);
         let mut child = self.spawn(spec, names)?;
         wait_consuming(&channel, &names.topology.jobs_queue, &mut child).await?;
         let start = self.probe.sample(child.pid(), self.clock);
@@ -192,7 +212,8 @@ impl Bench<'_> {
             problems.push(e);
         }
         let jelou_requests = self.stand_in.answered() - requests_before;
-        let left = left_in_queue(spec, &channel, names, &collector).await?;
+        let received = self.stand_in.record(false);
+        let left = left_in_queue(spec, &self.connection, &channel, names, &collector).await?;
         let tally = collector.snapshot();
         collector.stop().await;
         Ok(RunReport::new(
@@ -205,6 +226,7 @@ impl Bench<'_> {
                 prefill_rate,
                 left: u64::from(left),
                 jelou_requests,
+                received: spec.check_order.then_some(received),
                 tally,
                 problems,
             },
@@ -227,7 +249,7 @@ impl Bench<'_> {
         let collector = Collector::start(&self.connection, names, spec.jobs, self.clock).await?;
         self.stand_in.answer_after(spec.latency, spec.jitter_pct);
         let prefill_rate = if spec.jobs > 0 {
-            Some(prefill(&self.connection, names, spec.jobs, self.clock).await?)
+            Some(prefill(&self.connection, names, spec.jobs, spec.users, self.clock).await?)
         } else {
             None
         };
@@ -322,17 +344,18 @@ impl Bench<'_> {
     }
 }
 
-/// The jobs left in the queue once the child is gone (whatever it did not ack is back
-/// in the queue); a watched run then also waits for the results still on their way.
+/// The jobs left on the broker once the child is gone (whatever it did not ack is back
+/// in its queue); a watched run then also waits for the results still on their way.
 async fn left_in_queue(
     spec: &RunSpec,
+    connection: &Connection,
     channel: &Channel,
     names: &Names,
     collector: &Collector,
 ) -> anyhow::Result<u32> {
-    let left = settled_count(channel, &names.topology.jobs_queue)
+    let left = jobs_left(connection, channel, names)
         .await
-        .context("counting the jobs left in the queue")?;
+        .context("counting the jobs left in the queues")?;
     let _ = on_broker("channel.close", channel.close(200, "run measured".into())).await;
     if let Mode::Watch(_) = spec.mode {
         // Results of the jobs finished while the child stopped may still be on
@@ -344,4 +367,113 @@ async fn left_in_queue(
         tokio::time::sleep(SETTLE).await;
     }
     Ok(left)
+}
+
+/// The jobs in every queue of the worker's topology that can hold one: the jobs queue,
+/// the retry and delay queues and, with order on, the partition queues (jobs the router
+/// moved) and the wait queues (jobs waiting their turn). Not the dead-letter queue: a
+/// job there has failed, and got a failure result.
+///
+/// The ordered queues also hold ownership tokens, which are not jobs: one in the
+/// router's queue and one in each wait queue whose partition was ever taken (0 or 1
+/// each: a token is created only in a queue with no message and no consumer, and with
+/// one worker nothing else can create a second one). Whether a queue holds its token
+/// cannot be told from its count, so the messages of the router's and the wait queues
+/// are read (basic.get, never acked; closing the channel puts them back) and those
+/// with the `x-jelou-token` header are not counted. The members queue holds nothing.
+async fn jobs_left(
+    connection: &Connection,
+    channel: &Channel,
+    names: &Names,
+) -> anyhow::Result<u32> {
+    let t = &names.topology;
+    let queues: Vec<String> = t
+        .queue_names()
+        .into_iter()
+        .filter(|q| *q != t.dead_letter_queue)
+        .collect();
+    let counts = settled_counts(channel, &queues).await?;
+    let with_tokens: Vec<String> = (0..t.partitions)
+        .map(|p| t.wait_queue(p))
+        .chain((t.partitions > 0).then(|| t.router_queue()))
+        .collect();
+    let mut left = 0;
+    for (queue, count) in queues.iter().zip(counts) {
+        left += if count > 0 && with_tokens.contains(queue) {
+            count - tokens_in(connection, queue, count).await?
+        } else {
+            count
+        };
+    }
+    Ok(left)
+}
+
+/// The message counts of `queues` once they stop changing: a quorum queue applies the
+/// acks and returns of a closed connection through its log, a moment after the close.
+async fn settled_counts(channel: &Channel, queues: &[String]) -> anyhow::Result<Vec<u32>> {
+    let mut last = Vec::with_capacity(queues.len());
+    for queue in queues {
+        last.push(message_count(channel, queue).await?);
+    }
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let mut now = Vec::with_capacity(queues.len());
+        for queue in queues {
+            now.push(message_count(channel, queue).await?);
+        }
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    Ok(last)
+}
+
+/// How many of the `count` messages of `queue` are ownership tokens. Receives them
+/// without acking on a channel of its own, whose close puts them back (a consumer, as
+/// quorum queues with a single active consumer refuse basic.get; the child is gone,
+/// so this consumer is the active one).
+async fn tokens_in(connection: &Connection, queue: &str, count: u32) -> anyhow::Result<u32> {
+    let channel = on_broker("channel.open", connection.create_channel()).await?;
+    let counted = async {
+        on_broker(
+            "basic.qos",
+            channel.basic_qos(
+                count.min(u32::from(u16::MAX)) as u16,
+                BasicQosOptions::default(),
+            ),
+        )
+        .await?;
+        let mut consumer = on_broker(
+            "basic.consume",
+            channel.basic_consume(
+                queue.into(),
+                "jelou-bench-token-count".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        let mut tokens = 0;
+        for n in 0..count {
+            let delivery = match tokio::time::timeout(TOKEN_READ, consumer.next()).await {
+                Ok(Some(delivery)) => delivery?,
+                Ok(None) => anyhow::bail!("the consumer of `{queue}` ended"),
+                Err(_) => anyhow::bail!(
+                    "`{queue}` delivered {n} of its {count} messages within {} s",
+                    TOKEN_READ.as_secs()
+                ),
+            };
+            let token = delivery
+                .properties
+                .headers()
+                .as_ref()
+                .is_some_and(|h| h.inner().contains_key(header::TOKEN));
+            tokens += u32::from(token);
+        }
+        Ok(tokens)
+    }
+    .await;
+    let _ = on_broker("channel.close", channel.close(200, "tokens counted".into())).await;
+    counted.with_context(|| format!("reading `{queue}` for its token"))
 }

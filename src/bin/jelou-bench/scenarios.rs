@@ -25,6 +25,7 @@ pub(crate) fn specs_for(scenario: ScenarioName, args: &Args) -> Vec<RunSpec> {
             ..RunSpec::worker("idle".into(), scenario, 0, args)
         }],
         ScenarioName::Backlog => backlog(args),
+        ScenarioName::Conversations => conversations(args),
     }
 }
 
@@ -71,6 +72,28 @@ fn backlog(args: &Args) -> Vec<RunSpec> {
             latency: BACKLOG_LATENCY,
             mode: Mode::Watch(Duration::from_secs(args.backlog_secs)),
             ..RunSpec::worker(format!("backlog-{jobs}"), ScenarioName::Backlog, jobs, args)
+        })
+        .collect()
+}
+
+/// Many messages per user, with order on and then off, `--repeat` times. The jobs
+/// are queued round-robin over the users (message k of every user, then message k+1),
+/// as conversations interleave.
+fn conversations(args: &Args) -> Vec<RunSpec> {
+    let jobs = args.users * args.messages_per_user;
+    (1..=args.repeat)
+        .flat_map(|n| {
+            [
+                (numbered("conv-order-on", n), true),
+                (numbered("conv-order-off", n), false),
+            ]
+        })
+        .map(|(name, order)| RunSpec {
+            latency: Duration::from_millis(args.conversation_latency_ms),
+            users: args.users,
+            order,
+            check_order: true,
+            ..RunSpec::worker(name, ScenarioName::Conversations, jobs, args)
         })
         .collect()
 }
@@ -123,6 +146,13 @@ pub(crate) struct RunSpec {
     /// Spread of the delay, ± percent.
     pub(crate) jitter_pct: u8,
     pub(crate) mode: Mode,
+    /// Distinct users the jobs come from: job `seq` is user `seq % users`'s.
+    pub(crate) users: u64,
+    /// Per-user order in the worker (`order.enabled`).
+    pub(crate) order: bool,
+    /// Record what the stand-in receives, to check each user's messages came one at a
+    /// time and in order.
+    pub(crate) check_order: bool,
 }
 
 impl RunSpec {
@@ -136,9 +166,17 @@ impl RunSpec {
         } else {
             String::new()
         };
+        let order = match (self.pipeline, self.order) {
+            (Pipeline::Null, _) => "",
+            (Pipeline::Worker, true) => ", order on",
+            (Pipeline::Worker, false) => ", order off",
+        };
+        let jobs = match self.jobs {
+            0 => "no jobs".to_string(),
+            n => format!("{n} jobs of {} users", self.users),
+        };
         format!(
-            "{} jobs, {}, prefetch {}, Jelou answering after {} ms{jitter}, {length}",
-            self.jobs,
+            "{jobs}, {}{order}, prefetch {}, Jelou answering after {} ms{jitter}, {length}",
             self.pipeline.name(),
             self.prefetch,
             self.latency.as_millis()
@@ -146,15 +184,22 @@ impl RunSpec {
     }
 
     /// The most a consumer can do with `prefetch` jobs in flight that each take
-    /// `latency`: prefetch / latency.
+    /// `latency`: prefetch / latency; with order on, at most one job per user is in
+    /// flight, so min(prefetch, users) / latency.
     pub(crate) fn bound(&self) -> Option<f64> {
-        (!self.latency.is_zero()).then(|| f64::from(self.prefetch) / self.latency.as_secs_f64())
+        let in_flight = if self.order && self.pipeline == Pipeline::Worker {
+            u64::from(self.prefetch).min(self.users)
+        } else {
+            u64::from(self.prefetch)
+        };
+        (!self.latency.is_zero()).then(|| in_flight as f64 / self.latency.as_secs_f64())
     }
 }
 
 impl RunSpec {
-    /// A run of the worker: `jobs` jobs, `--prefetch`, Jelou answering at once (with
-    /// `--jitter-pct` should a delay be set), until every job has its result.
+    /// A run of the worker: `jobs` jobs each from a user of its own, `--prefetch`,
+    /// `--order`, Jelou answering at once (with `--jitter-pct` should a delay be set),
+    /// until every job has its result.
     fn worker(name: String, scenario: ScenarioName, jobs: u64, args: &Args) -> Self {
         RunSpec {
             name,
@@ -165,6 +210,9 @@ impl RunSpec {
             latency: Duration::ZERO,
             jitter_pct: args.jitter_pct,
             mode: Mode::Drain,
+            users: jobs.max(1),
+            order: args.order,
+            check_order: false,
         }
     }
 }

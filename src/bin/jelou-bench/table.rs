@@ -119,6 +119,18 @@ fn write_notes(out: &mut String, r: &RunReport) {
             "; queue filled at {p:.0} jobs/s"
         )),
     );
+    if let Some(c) = &r.order_check {
+        let _ = writeln!(
+            out,
+            "{}: {} users, order {}: Jelou got {} messages; {} out of their user's order, {} while the user's previous one was unanswered",
+            r.name,
+            r.users,
+            if r.order { "on" } else { "off" },
+            c.messages,
+            c.out_of_order,
+            c.overlapping,
+        );
+    }
 }
 
 /// The targets, each met or missed.
