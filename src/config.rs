@@ -438,7 +438,8 @@ impl RetrySettings {
 pub struct OrderSettings {
     /// Send each user's jobs (same botId and userId) one at a time, in the order they
     /// were queued, across every worker on the jobs queue. Off: jobs are independent
-    /// and run as they come (a few percent more throughput, no order).
+    /// and run as they come (no order, and one broker hop less per job: see the
+    /// README's "Order on vs off" for what order costs).
     pub enabled: bool,
     /// With order on, the jobs are split by user into this many partition queues
     /// (`<jobs_queue>.order.<n>`), each worked by one worker at a time: more workers

@@ -60,6 +60,10 @@ pub(crate) struct Args {
     /// JELOU_WORKER__ORDER__PARTITIONS.
     #[arg(long, default_value_t = 16, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub(crate) partitions: u16,
+    /// The worker's `log.level` (`info` is the default of a deployed worker, and logs
+    /// one line per finished job: compare both to see what logging costs).
+    #[arg(long, default_value = "warn", value_name = "LEVEL")]
+    pub(crate) log_level: String,
     /// Users in `conversations`, each sending `--messages-per-user` messages.
     #[arg(long, default_value_t = 50, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) users: u64,

@@ -11,7 +11,7 @@ use anyhow::{Context, anyhow};
 use futures_util::StreamExt;
 use jelou_worker::{
     broker::Topology,
-    config::{AmqpSettings, AmqpUrls, OrderSettings, Settings},
+    config::{AmqpSettings, AmqpUrls, LogSettings, OrderSettings, Settings},
     job::header,
 };
 use lapin::{
@@ -46,7 +46,8 @@ pub(crate) struct Names {
 }
 
 impl Names {
-    fn new(tag: &str, run: &str, amqp: &AmqpSettings, spec: &RunSpec, partitions: u16) -> Self {
+    fn new(tag: &str, run: &str, amqp: &AmqpSettings, spec: &RunSpec, bench: &Bench) -> Self {
+        let partitions = bench.partitions;
         let prefix = format!("bench.{tag}.{run}");
         let settings = Settings {
             amqp: AmqpSettings {
@@ -57,6 +58,10 @@ impl Names {
                 enabled: spec.order,
                 partitions,
                 ..OrderSettings::default()
+            },
+            log: LogSettings {
+                level: bench.log_level.clone(),
+                ..LogSettings::default()
             },
             ..Settings::default()
         };
@@ -108,7 +113,7 @@ impl Names {
             ("JELOU__CLIENT_SECRET", "jelou-bench".to_string()),
             // Port 0: the system picks a free one; the bench needs no metrics.
             ("SERVER__LISTEN", "127.0.0.1:0".to_string()),
-            ("LOG__LEVEL", "warn".to_string()),
+            ("LOG__LEVEL", self.settings.log.level.clone()),
         ]
         .into_iter()
         .map(|(key, value)| (format!("JELOU_WORKER__{key}"), value))
@@ -129,6 +134,8 @@ pub(crate) struct Bench<'a> {
     pub(crate) probe: Probe,
     /// `--partitions`.
     partitions: u16,
+    /// The worker's `log.level` (`--log-level`).
+    log_level: String,
 }
 
 impl<'a> Bench<'a> {
@@ -155,6 +162,7 @@ impl<'a> Bench<'a> {
             self_exe,
             probe,
             partitions: args.partitions,
+            log_level: args.log_level.clone(),
         })
     }
 
@@ -186,7 +194,7 @@ impl Bench<'_> {
     /// Runs one child and cleans up its queues and exchanges whatever happened, Ctrl-C
     /// included (the child is killed when its handle is dropped).
     async fn run(&self, spec: &RunSpec) -> anyhow::Result<RunReport> {
-        let names = Names::new(&self.tag, &spec.name, &self.amqp, spec, self.partitions);
+        let names = Names::new(&self.tag, &spec.name, &self.amqp, spec, self);
         let outcome = tokio::select! {
             report = self.measure(spec, &names) => report,
             _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
@@ -394,7 +402,7 @@ async fn jobs_left(
         .collect();
     let counts = settled_counts(channel, &queues).await?;
     let with_tokens: Vec<String> = (0..t.partitions)
-        .map(|p| t.wait_queue(p))
+        .map(|p| t.lock_queue(p))
         .chain((t.partitions > 0).then(|| t.router_queue()))
         .collect();
     let mut left = 0;
