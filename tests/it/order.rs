@@ -36,6 +36,19 @@ fn bot_of(s: &Seen) -> &str {
     s.path.split('/').nth(3).unwrap_or("")
 }
 
+/// The longest a conversation went without a send after `from` (a handover's pause),
+/// over every user: what a worker stopping or dying costs its users.
+fn longest_pause_after(seen: &[Seen], users: &[String], from: Instant) -> Duration {
+    let mut longest = Duration::ZERO;
+    for user in users {
+        let times: Vec<Instant> = sends_to(seen, user).iter().map(|(_, t)| *t).collect();
+        for pair in times.windows(2).filter(|p| p[1] > from) {
+            longest = longest.max(pair[1] - pair[0]);
+        }
+    }
+    longest
+}
+
 /// `"u3-m07"` → 7: the position of a job in its user's conversation.
 fn position(id: &str) -> usize {
     id.rsplit('m')
@@ -360,11 +373,19 @@ async fn a_worker_stopped_mid_conversation_hands_its_users_over_in_order() {
     let second = Daemon::start(&env.settings).await;
     assert!(env.jelou.wait_for(100, WAIT).await);
     // A rolling deploy: SIGTERM, a new worker in its place.
+    let stopped_at = Instant::now();
     first.signal("TERM");
     assert_eq!(first.exit_code(WAIT).await, Some(0));
     let third = Daemon::start(&env.settings).await;
     assert_eq!(env.results(400, WAIT).await.len(), 400);
     assert_in_order_once(&env.jelou.seen(), &users, 20);
+    // The stopped worker's users moved to the others within seconds.
+    let pause = longest_pause_after(&env.jelou.seen(), &users, stopped_at);
+    eprintln!("handover at SIGTERM: a conversation paused at most {pause:?}");
+    assert!(
+        pause < Duration::from_secs(10),
+        "a conversation paused {pause:?}"
+    );
     for mut d in [second, third] {
         d.signal("TERM");
         assert_eq!(d.exit_code(WAIT).await, Some(0));
@@ -381,6 +402,7 @@ async fn a_worker_killed_mid_conversation_loses_nothing_and_later_messages_stay_
     let killed = Daemon::start(&env.settings).await;
     let mut other = Daemon::start(&env.settings).await;
     assert!(env.jelou.wait_for(30, WAIT).await);
+    let killed_at = Instant::now();
     killed.kill().await;
     // Messages written after the crash: each comes after every earlier one of its user.
     for m in 10..15 {
@@ -395,6 +417,13 @@ async fn a_worker_killed_mid_conversation_loses_nothing_and_later_messages_stay_
     let results = results_for(&env, &ids, WAIT).await;
     assert_eq!(results.len(), 150);
     let seen = env.jelou.seen();
+    // The killed worker's partitions were taken over within seconds.
+    let pause = longest_pause_after(&seen, &users, killed_at);
+    eprintln!("failover at kill -9: a conversation paused at most {pause:?}");
+    assert!(
+        pause < Duration::from_secs(10),
+        "a conversation paused {pause:?}"
+    );
     for user in &users {
         let sent: Vec<usize> = sends_to(&seen, user)
             .iter()
