@@ -49,11 +49,12 @@ impl Sequencer {
 pub(super) async fn run(ctx: Arc<Ctx2>) {
     loop {
         let attempt = lead(&ctx).await;
-        if ctx.stops.shutdown.is_cancelled() || ctx.session.lost.is_cancelled() {
-            return;
+        let ending = ctx.stops.shutdown.is_cancelled() || ctx.session.lost.is_cancelled();
+        if let Err(reason) = &attempt {
+            tracing::warn!(reason, ending, "the router stopped");
         }
-        if let Err(reason) = attempt {
-            tracing::warn!(reason, "the router stopped; trying again");
+        if ending {
+            return;
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}

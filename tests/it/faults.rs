@@ -18,17 +18,6 @@ use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Adds whatever results are still queued (after the workers stopped) to `by_id`.
-async fn drain_rest(env: &TestEnv, by_id: &mut HashMap<String, Vec<Value>>) {
-    for r in env.drain(&env.results_queue.clone()).await {
-        let v = r.json();
-        by_id
-            .entry(v["jobId"].as_str().unwrap().to_string())
-            .or_default()
-            .push(v);
-    }
-}
-
 fn duplicates(by_id: &HashMap<String, Vec<Value>>) -> usize {
     by_id.values().map(|v| v.len() - 1).sum()
 }

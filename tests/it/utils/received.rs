@@ -88,14 +88,19 @@ pub async fn results_for(
                 .take(10)
                 .collect::<Vec<_>>()
         );
-        for r in env.drain(&env.results_queue.clone()).await {
-            let v = r.json();
-            by_id
-                .entry(v["jobId"].as_str().unwrap().to_string())
-                .or_default()
-                .push(v);
-        }
+        drain_rest(env, &mut by_id).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     by_id
+}
+
+/// Adds whatever results are queued now to `by_id`.
+pub async fn drain_rest(env: &super::TestEnv, by_id: &mut HashMap<String, Vec<Value>>) {
+    for r in env.drain(&env.results_queue.clone()).await {
+        let v = r.json();
+        by_id
+            .entry(v["jobId"].as_str().unwrap().to_string())
+            .or_default()
+            .push(v);
+    }
 }
