@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::faults::{ALL, Kind};
+
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "jelou-chaos",
@@ -29,6 +31,14 @@ pub(crate) struct Args {
     /// Mean seconds between two injected faults.
     #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = clap::value_parser!(u64).range(2..))]
     pub(crate) every: u64,
+    /// The faults to inject (repeatable or comma-separated; default: all).
+    #[arg(
+        long = "faults",
+        value_enum,
+        value_delimiter = ',',
+        value_name = "KIND"
+    )]
+    pub(crate) faults: Vec<Kind>,
     /// The broker; comma-separated URLs name the nodes of one cluster.
     #[arg(
         long,
@@ -51,4 +61,15 @@ pub(crate) struct Args {
     /// Keep the workers' logs (in the temporary directory) even when every check held.
     #[arg(long)]
     pub(crate) keep_logs: bool,
+}
+
+impl Args {
+    /// The kinds of fault to inject.
+    pub(crate) fn kinds(&self) -> Vec<Kind> {
+        if self.faults.is_empty() {
+            ALL.to_vec()
+        } else {
+            self.faults.clone()
+        }
+    }
 }

@@ -10,7 +10,7 @@ use crate::{
 };
 
 /// What can be injected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum Kind {
     Kill9,
@@ -22,7 +22,7 @@ pub(crate) enum Kind {
     JelouOutage30s,
 }
 
-const ALL: [Kind; 7] = [
+pub(crate) const ALL: [Kind; 7] = [
     Kind::Kill9,
     Kind::Sigterm,
     Kind::CloseConnection,
@@ -60,6 +60,8 @@ pub(crate) struct Event {
 pub(crate) struct Schedule {
     rng: fastrand::Rng,
     every: Duration,
+    /// The kinds to inject.
+    kinds: Vec<Kind>,
     /// Every kind once, in a seeded order, before the random picks.
     first: Vec<Kind>,
     pub(crate) next_at: Instant,
@@ -69,15 +71,16 @@ pub(crate) struct Schedule {
 }
 
 impl Schedule {
-    pub(crate) fn new(seed: u64, every: Duration, start: Instant) -> Self {
+    pub(crate) fn new(seed: u64, every: Duration, start: Instant, kinds: Vec<Kind>) -> Self {
         let mut rng = fastrand::Rng::with_seed(seed);
-        let mut first = ALL.to_vec();
+        let mut first = kinds.clone();
         rng.shuffle(&mut first);
         first.reverse();
         let next_at = start + every;
         Self {
             rng,
             every,
+            kinds,
             first,
             next_at,
             trouble_until: None,
@@ -86,24 +89,24 @@ impl Schedule {
     }
 
     /// The next fault to inject; moves `next_at` on.
-    pub(crate) fn pick(&mut self, elapsed: Duration) -> Kind {
+    pub(crate) fn pick(&mut self, elapsed: Duration) -> Option<Kind> {
         let ms = self.every.as_millis() as u64;
         self.next_at += Duration::from_millis(self.rng.u64(ms / 2..=ms * 3 / 2));
-        let mut kind = self
+        let kind = self
             .first
             .pop()
-            .unwrap_or_else(|| ALL[self.rng.usize(..ALL.len())]);
-        // At most one outage per 3 minutes of run, and one Jelou trouble at a time.
-        if kind == Kind::JelouOutage30s && u64::from(self.outages) * 180 > elapsed.as_secs() {
-            kind = Kind::Jelou5xxBurst;
-        }
-        if kind.lasts().is_some() && self.trouble_until.is_some() {
-            kind = [Kind::Kill9, Kind::Sigterm, Kind::CloseConnection][self.rng.usize(..3)];
+            .unwrap_or_else(|| self.kinds[self.rng.usize(..self.kinds.len())]);
+        // At most one outage per 3 minutes, one Jelou trouble at a time: else this
+        // moment passes without a fault.
+        let outage_too_soon =
+            kind == Kind::JelouOutage30s && u64::from(self.outages) * 180 > elapsed.as_secs();
+        if outage_too_soon || (kind.lasts().is_some() && self.trouble_until.is_some()) {
+            return None;
         }
         if kind == Kind::JelouOutage30s {
             self.outages += 1;
         }
-        kind
+        Some(kind)
     }
 
     pub(crate) fn worker(&mut self, n: usize) -> usize {

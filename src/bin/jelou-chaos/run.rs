@@ -126,7 +126,7 @@ async fn inject(
     jelou: &ChaosJelou,
 ) -> anyhow::Result<Vec<Event>> {
     let end = t0 + Duration::from_secs(args.duration);
-    let mut schedule = Schedule::new(seed, Duration::from_secs(args.every), t0);
+    let mut schedule = Schedule::new(seed, Duration::from_secs(args.every), t0, args.kinds());
     let mut events = Vec::new();
     while Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -138,7 +138,9 @@ async fn inject(
         if Instant::now() < schedule.next_at {
             continue;
         }
-        let kind = schedule.pick(t0.elapsed());
+        let Some(kind) = schedule.pick(t0.elapsed()) else {
+            continue;
+        };
         let at_s = t0.elapsed().as_secs_f64();
         let event = faults::inject(kind, &mut schedule, fleet, jelou, at_s).await?;
         eprintln!(
