@@ -96,12 +96,18 @@ impl Schedule {
             .first
             .pop()
             .unwrap_or_else(|| self.kinds[self.rng.usize(..self.kinds.len())]);
-        // At most one outage per 3 minutes, one Jelou trouble at a time: else this
-        // moment passes without a fault.
+        // At most one outage per 3 minutes, one Jelou trouble at a time: else a fault
+        // of the fleet comes instead (none if --faults has none).
         let outage_too_soon =
             kind == Kind::JelouOutage30s && u64::from(self.outages) * 180 > elapsed.as_secs();
         if outage_too_soon || (kind.lasts().is_some() && self.trouble_until.is_some()) {
-            return None;
+            let fleet: Vec<Kind> = self
+                .kinds
+                .iter()
+                .copied()
+                .filter(|k| k.lasts().is_none())
+                .collect();
+            return (!fleet.is_empty()).then(|| fleet[self.rng.usize(..fleet.len())]);
         }
         if kind == Kind::JelouOutage30s {
             self.outages += 1;
