@@ -90,3 +90,86 @@ fn meanwhile(i: &Inputs, from: f64, to: f64) -> Vec<String> {
         .map(|e| format!("{:?} at {:.1} s", e.kind, e.at_s))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::HashMap,
+        time::{Duration, Instant},
+    };
+
+    use crate::{
+        faults::{Event, Kind},
+        jelou::{Answer, Sent},
+        ledger::{self, Inputs},
+        load::{Expect, Published},
+    };
+
+    fn at(t0: Instant, ms: u64) -> Instant {
+        t0 + Duration::from_millis(ms)
+    }
+
+    /// Conversation 1: message 0 published at 0 ms, message 1 at 10 ms; `sends` are
+    /// (position, ms) arrivals at Jelou; `kill_at_s` a kill -9, if any.
+    fn violations(sends: &[(u32, u64)], kill_at_s: Option<f64>) -> (usize, usize) {
+        let t0 = Instant::now();
+        let published: Vec<Published> = (0..2)
+            .map(|pos| Published {
+                job: format!("c1-{pos}"),
+                conv: Some((1, pos)),
+                expect: Expect::Success,
+                at: at(t0, u64::from(pos) * 10),
+            })
+            .collect();
+        let sent: Vec<Sent> = sends
+            .iter()
+            .map(|(pos, ms)| Sent {
+                job: format!("c1-{pos}"),
+                at: at(t0, *ms),
+                answer: Answer::Accepted,
+            })
+            .collect();
+        let events: Vec<Event> = kill_at_s
+            .map(|s| Event {
+                at_s: s,
+                kind: Kind::Kill9,
+                detail: String::new(),
+                injected: true,
+            })
+            .into_iter()
+            .collect();
+        let l = ledger::build(&Inputs {
+            t0,
+            published: &published,
+            sent: &sent,
+            results: &[],
+            dead: &HashMap::new(),
+            events: &events,
+            prefetch: 32,
+        });
+        (l.order_violations.len(), l.unexplained_violations)
+    }
+
+    #[test]
+    fn in_order_sends_with_retries_are_no_violation() {
+        assert_eq!(violations(&[(0, 100), (0, 300), (1, 400)], None), (0, 0));
+    }
+
+    #[test]
+    fn a_later_message_before_an_earlier_ones_resend_is_a_violation() {
+        assert_eq!(violations(&[(0, 100), (1, 200), (0, 300)], None), (1, 1));
+    }
+
+    #[test]
+    fn a_kill_between_the_earlier_ones_publication_and_last_send_explains_it() {
+        assert_eq!(
+            violations(&[(0, 100), (1, 200), (0, 300)], Some(0.15)),
+            (1, 0)
+        );
+        // A kill after the earlier one's last send explains nothing.
+        assert_eq!(
+            violations(&[(0, 100), (1, 200), (0, 300)], Some(0.5)),
+            (1, 1)
+        );
+    }
+}
