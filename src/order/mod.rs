@@ -142,9 +142,16 @@ pub(crate) async fn consume(ctx: Ctx<'_>) -> Result<Option<String>, BrokerError>
         return Ok(end);
     }
     tracing::info!("shutting down: routing stops; partitions are handed back as their jobs finish");
+    // The router first: what it routes while it stops reaches partitions that still
+    // consume, and is handed back with the rest. (A partition that stopped consuming
+    // first could be assigned a job it never sees: the broker would return it to the
+    // back of the partition queue, behind its user's later jobs.) Then each partition
+    // finishes its running jobs (within the grace period), hands back what it holds,
+    // and returns its token.
     let _ = router.await;
-    // Each partition task watches the shutdown: it finishes its running jobs (within
-    // the grace period), hands back what it holds, and returns its token.
+    for h in partitions.values() {
+        h.stop.cancel();
+    }
     for (_, h) in partitions.drain() {
         let _ = h.task.await;
     }

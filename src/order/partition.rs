@@ -198,7 +198,9 @@ impl Partition {
     /// Runs the partition until stopped, then hands it back.
     async fn work(&self, o: &mut Owned) -> Result<(), String> {
         let end = loop {
-            if self.stop.is_cancelled() || self.ctx.stops.shutdown.is_cancelled() {
+            // Stopped by the balancer, or at shutdown once the router has finished
+            // (see `order::consume`): not on the shutdown signal itself.
+            if self.stop.is_cancelled() {
                 break Ok(());
             }
             self.schedule(o).await?;
@@ -209,7 +211,6 @@ impl Partition {
             let sleep = pipeline::sleep_long(wake.map_or(Duration::MAX, Duration::from_millis));
             tokio::select! {
                 _ = self.stop.cancelled() => break Ok(()),
-                _ = self.ctx.stops.shutdown.cancelled() => break Ok(()),
                 _ = self.ctx.session.lost.cancelled() => break Err("the session was lost".to_string()),
                 Some(done) = o.done_rx.recv() => self.left(o, done),
                 next = next_job(&mut o.jobs) => match next {
