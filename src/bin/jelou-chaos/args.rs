@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+use jelou_worker::config::QueueType;
 
 use crate::faults::{ALL, Kind};
 
@@ -46,6 +47,10 @@ pub(crate) struct Args {
         value_name = "URL"
     )]
     pub(crate) amqp_url: String,
+    /// `amqp.queue_type` of the fleet's queues: `quorum` (the default, as in
+    /// production) or `classic`.
+    #[arg(long, default_value = "quorum", value_parser = parse_queue_type, value_name = "quorum|classic")]
+    pub(crate) queue_type: QueueType,
     /// How long the fleet may take to finish every job once faults stop, in seconds.
     #[arg(long, default_value_t = 240, value_name = "SECS")]
     pub(crate) drain_timeout: u64,
@@ -71,5 +76,13 @@ impl Args {
         } else {
             self.faults.clone()
         }
+    }
+}
+
+fn parse_queue_type(s: &str) -> Result<QueueType, String> {
+    match s {
+        "quorum" => Ok(QueueType::Quorum),
+        "classic" => Ok(QueueType::Classic),
+        other => Err(format!("`{other}` is not quorum or classic")),
     }
 }

@@ -36,7 +36,12 @@ pub(crate) async fn run(args: &Args, seed: u64) -> anyhow::Result<Report> {
         .await
         .context("starting the stand-in Jelou")?;
     let prefix = format!("chaos-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let settings = setup::settings(&prefix, &args.amqp_url, &jelou.stand_in.base_url())?;
+    let settings = setup::settings(
+        &prefix,
+        &args.amqp_url,
+        args.queue_type,
+        &jelou.stand_in.base_url(),
+    )?;
     let conn = broker::connect(&settings.amqp, "jelou-chaos")
         .await
         .context("connecting to the broker")?

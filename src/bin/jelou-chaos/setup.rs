@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use jelou_worker::{
     broker::Topology,
-    config::{AmqpUrls, Settings},
+    config::{AmqpUrls, QueueType, Settings},
 };
 use lapin::{Connection, ExchangeKind, options::*, types::FieldTable};
 
@@ -15,9 +15,15 @@ pub(crate) const REQUEST_TIMEOUT_MS: u64 = 2_000;
 
 /// The fleet's settings: names of its own under `prefix`, the stand-in Jelou, retries
 /// that outlast a 30 s outage.
-pub(crate) fn settings(prefix: &str, amqp_url: &str, jelou: &str) -> anyhow::Result<Settings> {
+pub(crate) fn settings(
+    prefix: &str,
+    amqp_url: &str,
+    queue_type: QueueType,
+    jelou: &str,
+) -> anyhow::Result<Settings> {
     let mut s = Settings::default();
     s.amqp = s.amqp.namespaced(prefix);
+    s.amqp.queue_type = queue_type;
     s.amqp.url = AmqpUrls::parse(amqp_url).map_err(|e| anyhow::anyhow!("--amqp-url: {e}"))?;
     s.amqp.prefetch = 32;
     s.amqp.operation_timeout_ms = 5_000;
