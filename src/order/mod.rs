@@ -38,7 +38,7 @@ use std::{
     time::Duration,
 };
 
-use lapin::{Channel, Connection};
+use lapin::Connection;
 use tokio::task::JoinHandle;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -50,24 +50,16 @@ use crate::{
 /// How often each worker looks at the fleet's size and its share.
 const REBALANCE_EVERY: Duration = Duration::from_secs(1);
 
-/// What the ordered consumption needs from its session.
-pub(crate) struct Ctx<'a> {
+/// What the ordered consumption needs from its session, shared by the router's and
+/// the partitions' tasks.
+pub(crate) struct Ctx {
     pub(crate) shared: Arc<Shared>,
     pub(crate) connection: Arc<Connection>,
     pub(crate) session: Arc<Session>,
-    pub(crate) tracker: &'a TaskTracker,
-    pub(crate) stops: &'a Stops,
-    pub(crate) tag: &'a str,
-}
-
-/// The same, owned, for the tasks of the router and the partitions.
-pub(crate) struct Ctx2 {
-    shared: Arc<Shared>,
-    connection: Arc<Connection>,
-    session: Arc<Session>,
-    tracker: TaskTracker,
-    stops: Stops,
-    tag: String,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) stops: Stops,
+    /// The session's consumer tag, which every consumer's tag starts with.
+    pub(crate) tag: String,
 }
 
 /// A partition task, as the balancer keeps it.
@@ -79,7 +71,7 @@ struct Handle {
 
 /// Order on: routes and works partitions until shutdown (`Ok(None)`) or a failure
 /// (`Ok(Some(reason))`).
-pub(crate) async fn consume(ctx: Ctx<'_>) -> Result<Option<String>, BrokerError> {
+pub(crate) async fn consume(ctx: Arc<Ctx>) -> Result<Option<String>, BrokerError> {
     let timeout = ctx.shared.settings.amqp.operation_timeout();
     let members_channel = bounded(timeout, "channel.open", ctx.connection.create_channel()).await?;
     let members = ctx.shared.topology.members_queue();
@@ -91,15 +83,7 @@ pub(crate) async fn consume(ctx: Ctx<'_>) -> Result<Option<String>, BrokerError>
         timeout,
     )
     .await?;
-    let owned_ctx = Arc::new(Ctx2 {
-        shared: ctx.shared.clone(),
-        connection: ctx.connection.clone(),
-        session: ctx.session.clone(),
-        tracker: ctx.tracker.clone(),
-        stops: ctx.stops.clone(),
-        tag: ctx.tag.to_string(),
-    });
-    let mut router = tokio::spawn(router::run(owned_ctx.clone()));
+    let mut router = tokio::spawn(router::run(ctx.clone()));
     ctx.shared.set_ready(true);
     tracing::info!(
         partitions = ctx.shared.topology.partitions,
@@ -123,11 +107,11 @@ pub(crate) async fn consume(ctx: Ctx<'_>) -> Result<Option<String>, BrokerError>
                 if let Some(reason) = reap(&mut partitions) {
                     break Some(reason);
                 }
-                let (_, workers) = match lease_counts(&members_channel, &members, timeout).await {
+                let (_, workers) = match lease::counts(&members_channel, &members, timeout).await {
                     Ok(c) => c,
                     Err(e) => break Some(e.to_string()),
                 };
-                if let Err(e) = rebalance(&ctx, &owned_ctx, &mut partitions, workers).await {
+                if let Err(e) = rebalance(&ctx, &mut partitions, workers).await {
                     break Some(e.to_string());
                 }
             }
@@ -184,18 +168,9 @@ fn reap(partitions: &mut HashMap<u16, Handle>) -> Option<String> {
     None
 }
 
-async fn lease_counts(
-    channel: &Channel,
-    queue: &str,
-    timeout: Duration,
-) -> Result<(u32, u32), BrokerError> {
-    lease::counts(channel, queue, timeout).await
-}
-
 /// Applies the balancer's plan: hands back the surplus, watches or stops watching.
 async fn rebalance(
-    ctx: &Ctx<'_>,
-    owned_ctx: &Arc<Ctx2>,
+    ctx: &Arc<Ctx>,
     partitions: &mut HashMap<u16, Handle>,
     workers: u32,
 ) -> Result<(), BrokerError> {
@@ -225,7 +200,7 @@ async fn rebalance(
         let stop = CancellationToken::new();
         let task = tokio::spawn(
             partition::Partition {
-                ctx: owned_ctx.clone(),
+                ctx: ctx.clone(),
                 number: p,
                 lease,
                 channel,

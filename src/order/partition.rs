@@ -40,7 +40,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Ctx2,
+    Ctx,
     lanes::{Held, Lanes, Left, Move, UserKey},
     lease,
 };
@@ -60,7 +60,7 @@ type Done = (Option<UserKey>, u64, Ended);
 
 /// One partition's task.
 pub(super) struct Partition {
-    pub(super) ctx: Arc<Ctx2>,
+    pub(super) ctx: Arc<Ctx>,
     pub(super) number: u16,
     /// The lock queue's consumer (the token).
     pub(super) lease: Channel,

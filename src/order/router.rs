@@ -18,7 +18,7 @@ use lapin::{
     types::{AMQPValue, ShortString},
 };
 
-use super::{Ctx2, lease, partition_of};
+use super::{Ctx, lease, partition_of};
 use crate::{
     broker::{
         BrokerError,
@@ -46,7 +46,7 @@ impl Sequencer {
 /// Runs until shutdown or the session's end: waits for the router's token, then
 /// routes. A failure of its own (a subscription without an answer, a channel closed)
 /// is retried on new channels a second later: the router's token went back with them.
-pub(super) async fn run(ctx: Arc<Ctx2>) {
+pub(super) async fn run(ctx: Arc<Ctx>) {
     loop {
         let attempt = lead(&ctx).await;
         let ending = ctx.stops.shutdown.is_cancelled() || ctx.session.lost.is_cancelled();
@@ -66,7 +66,7 @@ pub(super) async fn run(ctx: Arc<Ctx2>) {
 
 /// One term: opens its channels, waits for the token, routes until shutdown, and
 /// closes its channels (returning the token and whatever was not acked).
-async fn lead(ctx: &Ctx2) -> Result<(), String> {
+async fn lead(ctx: &Ctx) -> Result<(), String> {
     let timeout = ctx.shared.settings.amqp.operation_timeout();
     let open = || bounded(timeout, "channel.open", ctx.connection.create_channel());
     let err = |e: BrokerError| e.to_string();
@@ -84,7 +84,7 @@ async fn lead(ctx: &Ctx2) -> Result<(), String> {
 }
 
 async fn hold_and_route(
-    ctx: &Ctx2,
+    ctx: &Ctx,
     lease_channel: &Channel,
     route_channel: &Channel,
     publish_channel: &Channel,
@@ -134,7 +134,7 @@ type Pending =
 
 /// The router's moving parts while it routes.
 struct Routing<'a> {
-    ctx: &'a Ctx2,
+    ctx: &'a Ctx,
     publish_channel: &'a Channel,
     acks: Acks,
     sequencer: Sequencer,
@@ -145,7 +145,7 @@ struct Routing<'a> {
 
 /// Consumes the jobs and retry queues and routes each delivery, until shutdown.
 async fn route(
-    ctx: &Ctx2,
+    ctx: &Ctx,
     route_channel: &Channel,
     publish_channel: &Channel,
 ) -> Result<(), String> {
@@ -283,7 +283,7 @@ impl Routing<'_> {
 
 /// Publishes a copy of `delivery` to its user's partition, with its sequence number.
 async fn forward(
-    ctx: &Ctx2,
+    ctx: &Ctx,
     channel: &Channel,
     delivery: &Delivery,
     seq: u64,

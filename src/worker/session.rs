@@ -73,11 +73,11 @@ pub(super) async fn session(
             shared: shared.clone(),
             connection: connection.clone(),
             session: session.clone(),
-            tracker,
-            stops,
-            tag: &tag,
+            tracker: tracker.clone(),
+            stops: stops.clone(),
+            tag: tag.clone(),
         };
-        order::consume(ctx).await
+        order::consume(Arc::new(ctx)).await
     } else {
         consume_unordered(shared, &connection, &session, tracker, stops, &tag).await
     };
